@@ -1,0 +1,7 @@
+"""Learners and training regimes; one file per method, sharing the core."""
+
+from .finetune import Finetune
+from .joint import Joint
+from .replay import Replay
+
+__all__ = ["Finetune", "Joint", "Replay"]

@@ -1,0 +1,229 @@
+"""`StreamDataModule`: feeds a Stream to a Lightning Trainer in order, sliced from tensors.
+
+One pass over the stream is one Lightning epoch. Each Lightning step receives one *chunk*
+(`batches_per_step * B` samples, never crossing an evaluation point) as a plain `(x, y)`
+2-tuple; the learner splits it into `observe` calls. The stream position lives here and is
+checkpointed, so a resumed run continues at the exact sample. Segment ids never enter the
+batch: callbacks read them through `batch_meta()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset
+
+from .streams import Stream, StreamBuilder
+
+
+class ChunkDataset(Dataset):
+    """Item i is the slice `[starts[i], ends[i])` of the stream: one call per chunk, no
+    per-sample indexing and no collation. uint8 images become float once per chunk."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: list[int], ends: list[int]):
+        self.x, self.y, self.starts, self.ends = x, y, starts, ends
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        s, e = self.starts[i], self.ends[i]
+        x = self.x[s:e]
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return x, self.y[s:e]
+
+
+def chunk_plan(
+    n: int, eval_positions: tuple[int, ...], chunk: int, start: int = 0
+) -> tuple[list[int], list[int]]:
+    """Chunk boundaries from `start`: at most `chunk` samples, cut at every eval position."""
+    starts, ends = [], []
+    p = start
+    stops = [e for e in eval_positions if e > start]
+    for stop in stops:
+        while p < stop:
+            q = min(p + chunk, stop)
+            starts.append(p)
+            ends.append(q)
+            p = q
+    if p != n:
+        raise RuntimeError(f"chunk plan ended at {p}, not at the stream's end {n}")
+    return starts, ends
+
+
+class StreamDataModule(pl.LightningDataModule):
+    """Serve a stream in order; per-segment test sets for the evaluator and `test`/`validate`.
+
+    Args:
+        stream: a stream config (`adaptlab.streams.Split`, …) or an already built `Stream`.
+        batches_per_step: `observe` calls per Lightning step; > 1 amortises the Trainer's
+            per-step overhead on tiny batches.
+        eval_batch_size: batch size for evaluating test sets.
+        presentation: `"stream"` (in order) or `"iid"` (one seeded shuffle of the whole
+            stream, evaluated once: the Joint upper bound). `None` lets the learner ask
+            (its `presentation` attribute).
+        device_cache: keep the whole stream on the accelerator (no copy per step).
+    """
+
+    def __init__(
+        self,
+        stream: StreamBuilder | Stream,
+        batches_per_step: int = 1,
+        eval_batch_size: int = 1024,
+        presentation: str | None = None,
+        device_cache: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batches_per_step, int) or batches_per_step < 1:
+            raise ValueError(f"batches_per_step: must be a positive integer, got {batches_per_step!r}")
+        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: must be a positive integer, got {eval_batch_size!r}")
+        if presentation not in (None, "stream", "iid"):
+            raise ValueError(f"presentation: {presentation!r} is not 'stream' or 'iid'")
+        self.config = stream
+        self.batches_per_step = batches_per_step
+        self.eval_batch_size = eval_batch_size
+        self.presentation = presentation
+        self.device_cache = device_cache
+        self.samples_consumed = 0
+        self._base: Stream | None = stream if isinstance(stream, Stream) else None
+        self._stream: Stream | None = None
+        self._chunk: tuple[int, int] = (0, 0)
+        self._loader_dataset: ChunkDataset | None = None
+
+    # -- the stream ---------------------------------------------------------------------------
+    @property
+    def base_stream(self) -> Stream:
+        """The stream as configured (built once, on first use)."""
+        if self._base is None:
+            self._base = self.config.build()
+        return self._base
+
+    @property
+    def stream(self) -> Stream:
+        """The stream as presented to the learner (in order, or i.i.d. for Joint)."""
+        if self._stream is None:
+            self._stream = self._present(self.presentation or "stream")
+        return self._stream
+
+    def _present(self, presentation: str) -> Stream:
+        return self.base_stream.iid() if presentation == "iid" else self.base_stream
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.base_stream.input_shape
+
+    @property
+    def n_classes(self) -> int:
+        return self.base_stream.n_classes
+
+    @property
+    def batch_size(self) -> int:
+        return self.base_stream.batch_size
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        learner = trainer.lightning_module if trainer is not None else None
+        if self._stream is None:
+            wanted = self.presentation or getattr(learner, "presentation", "stream")
+            self._stream = self._present(wanted)
+        if stage == "fit" and trainer is not None and trainer.max_epochs != 1:
+            raise ValueError(
+                f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
+                f"{trainer.max_epochs}; use the stream's `repeats` for passes per segment"
+            )
+        if self.device_cache and trainer is not None:
+            dev = trainer.strategy.root_device
+            st = self.stream
+            need = st.x.element_size() * st.x.nelement()
+            if dev.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(dev)
+                if need > 0.8 * free:
+                    raise ValueError(
+                        f"device_cache: the stream needs {need / 2**20:.0f} MiB but only "
+                        f"{free / 2**20:.0f} MiB are free on {dev}; set device_cache: false"
+                    )
+            self._stream = _moved(st, dev)
+
+    # -- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        st = self.stream
+        starts, ends = chunk_plan(
+            len(st), st.eval_positions, self.batches_per_step * st.batch_size,
+            self.samples_consumed,
+        )
+        self._loader_dataset = ChunkDataset(st.x, st.learner_labels(st.y), starts, ends)
+        return DataLoader(
+            self._loader_dataset, batch_size=None, shuffle=False, num_workers=0,
+            pin_memory=st.x.device.type == "cpu" and torch.cuda.is_available(),
+        )
+
+    def _test_loaders(self) -> list[DataLoader]:
+        loaders = []
+        for seg in self.stream.segments:
+            x, y = self.stream.test_sets[seg.id]
+            starts = list(range(0, len(y), self.eval_batch_size))
+            ends = [min(s + self.eval_batch_size, len(y)) for s in starts]
+            loaders.append(DataLoader(ChunkDataset(x, y, starts, ends), batch_size=None))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        # During fit the StreamEvaluator judges the learner; `validate` evaluates test sets.
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return []
+        return self._test_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._test_loaders()
+
+    def test_set(self, segment_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Held-out `(x, y)` of one segment, x as float."""
+        x, y = self.stream.test_sets[segment_id]
+        return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), y
+
+    # -- position -----------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            n = int(batch[0].shape[0])
+            self._chunk = (self.samples_consumed, self.samples_consumed + n)
+            self.samples_consumed += n
+        return batch
+
+    def batch_meta(self) -> dict[str, Any]:
+        """Per-chunk metadata for callbacks (never the learner): the current chunk's
+        `[start, end)` and the true `segment_ids` of its samples."""
+        s, e = self._chunk
+        return {"start": s, "end": e, "segment_ids": self.stream.segment_ids[s:e]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_consumed": self.samples_consumed, "fingerprint": self.stream.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        theirs = state.get("fingerprint")
+        if theirs is not None and theirs != self.stream.fingerprint:
+            raise ValueError(
+                "checkpoint: it was written for another stream (fingerprint "
+                f"{theirs[:12]}… vs {self.stream.fingerprint[:12]}…); resume with the config "
+                "and seed that wrote it"
+            )
+        self.samples_consumed = int(state["samples_consumed"])
+
+
+def _moved(st: Stream, device: torch.device) -> Stream:
+    """A copy of the stream whose training tensors and test sets live on `device`."""
+    import dataclasses
+
+    moved = dataclasses.replace(
+        st,
+        x=st.x.to(device),
+        y=st.y.to(device),
+        test_sets={k: (x.to(device), y.to(device)) for k, (x, y) in st.test_sets.items()},
+    )
+    return moved

@@ -1,0 +1,205 @@
+"""`StreamLearner`: the LightningModule base whose unit of work is `observe(x, y)`.
+
+Contract (DESIGN.md, "Core contracts"):
+- `observe(x, y) -> (logits, loss)` on one mini-batch, test-then-train: the logits are the
+  pre-update predictions, both detached; every backward through `manual_backward`.
+- `training_step` only splits a chunk into mini-batches, calls `observe` on each and returns
+  the chunk's pre-update predictions (the evaluator scores online accuracy from them).
+- `forward(x)` is the evaluation forward; `before_evaluation(final)` runs before each
+  evaluation point; `shift_events()` and `expert_ids()` feed the evaluator's metrics.
+The learner never sees segment ids or boundaries: task-free means task-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from .models import build_model
+
+UpdateHook = Callable[[int], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or infinite training loss: stopping beats silently corrupting the weights."""
+
+
+class StreamLearner(pl.LightningModule):
+    """Base class for learners on task-free streams.
+
+    Args:
+        input_shape: one sample's shape (C, H, W); the CLI links it from the stream.
+        n_classes: output classes; linked from the stream.
+        batch_size: mini-batch size B of `observe`; linked from the stream.
+        backbone: a name from `adaptlab.models.MODELS` (`mlp`, `lenet`, `resnet18`).
+        backbone_args: keyword arguments of that backbone (e.g. `{"hidden": [256]}`).
+        seed: seeds the learner's own initialisation and random draws.
+    """
+
+    presentation = "stream"
+    """How the data module should present the stream: in order, or `"iid"` (Joint)."""
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int] | None = None,
+        n_classes: int | None = None,
+        batch_size: int = 10,
+        backbone: str = "mlp",
+        backbone_args: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if input_shape is None or n_classes is None:
+            raise ValueError(
+                "input_shape and n_classes: required (the CLI links them from the stream; "
+                "in Python pass e.g. input_shape=stream.input_shape, n_classes=stream.n_classes)"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        self.automatic_optimization = False
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_classes = int(n_classes)
+        self.batch_size = batch_size
+        self.backbone = backbone
+        self.backbone_args = dict(backbone_args or {})
+        self.seed = seed
+        self.observe_steps = 0
+        self.update_steps = 0
+        self._update_hooks: list[UpdateHook] = []
+
+    # -- building blocks for subclasses -------------------------------------------------------
+    def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
+        """A fresh backbone, initialised from (seed, index) without touching global RNGs."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return build_model(
+                self.backbone, self.input_shape, n_classes or self.n_classes, **self.backbone_args
+            )
+
+    def update(self, optimizer: Any, loss: torch.Tensor) -> None:
+        """One optimizer update: zero, backward through Lightning, hooks, step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        for hook in self._update_hooks:
+            hook(self.update_steps)
+        optimizer.step()
+        self.update_steps += 1
+
+    # -- the contract -------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Test-then-train on one mini-batch; returns detached pre-update logits and loss."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def before_evaluation(self, final: bool) -> None:
+        """Called by the evaluator before each evaluation point (no training state change,
+        except at `final=True`, after which no training follows)."""
+
+    def shift_events(self) -> list[int]:
+        """Stream positions where this learner's detectors fired (none by default)."""
+        return []
+
+    def expert_ids(self, x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Expert routing for expert learners; `None` for learners without experts."""
+        return None
+
+    def add_update_hook(self, fn: UpdateHook) -> None:
+        """Register `fn(step)`, called before every optimizer update inside `observe`."""
+        self._update_hooks.append(fn)
+
+    def model_size_modules(self) -> list[nn.Module]:
+        """What counts toward model size (default: the whole learner)."""
+        return [self]
+
+    # -- Lightning plumbing -------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
+        x, y = batch
+        b = self.batch_size
+        pairs = [(x, y)] if len(x) <= b else zip(x.split(b), y.split(b))
+        preds, losses = [], []
+        for xb, yb in pairs:
+            logits, loss = self.observe(xb, yb)
+            self.observe_steps += 1
+            preds.append(logits.argmax(-1))
+            if loss is not None:
+                losses.append(loss)
+        if losses:
+            self._check_finite(torch.stack(losses))
+        return {"preds": preds[0] if len(preds) == 1 else torch.cat(preds)}
+
+    def _check_finite(self, losses: torch.Tensor) -> None:
+        # One check per Lightning step (not per observe): a host sync per chunk at most.
+        if not bool(torch.isfinite(losses).all()):
+            raise NonFiniteLossError(
+                f"training loss became {losses[~torch.isfinite(losses)][0].item()} at observe "
+                f"step {self.observe_steps}: check the data for NaN/inf and lower the learning "
+                "rate; on an unlabelled (TTA) stream use a learner that does not need labels"
+            )
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int,
+                   stage: str) -> None:
+        x, y = batch
+        acc = (self(x).argmax(-1) == y).float().mean()
+        self.log(f"{stage}/acc_exp{dataloader_idx:03d}", acc, add_dataloader_idx=False,
+                 batch_size=len(y))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["adaptlab_learner"] = {
+            "class": type(self).__qualname__,
+            "observe_steps": self.observe_steps,
+            "update_steps": self.update_steps,
+            **self.extra_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("adaptlab_learner")
+        if state is None:
+            raise ValueError("checkpoint: not written by an adaptlab StreamLearner")
+        if state["class"] != type(self).__qualname__:
+            raise ValueError(
+                f"checkpoint: written by learner {state['class']}, not {type(self).__qualname__}; "
+                "resume with the config that wrote it"
+            )
+        self.observe_steps = int(state["observe_steps"])
+        self.update_steps = int(state["update_steps"])
+        self.load_extra_state(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        """Non-tensor learner state for the checkpoint (counters, RNG states)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved."""
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make_optimizer(
+    name: str, params: Any, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimizers configs may name; a clear error for anything else."""
+    if lr <= 0:
+        raise ValueError(f"lr: must be > 0, got {lr!r}")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=nesterov)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown {name!r}; choose one of {OPTIMIZERS}")

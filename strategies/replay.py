@@ -1,0 +1,44 @@
+"""`Replay`: experience replay from a task-free reservoir memory (Chaudhry et al. 2019, ER)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adaptlab.buffers import ReservoirBuffer
+
+from .finetune import Finetune
+
+
+class Replay(Finetune):
+    """Each step trains on the incoming batch plus as many samples drawn from a reservoir
+    memory, then offers the batch to the memory. No boundary is needed, so it is task-free.
+
+    Args:
+        memory_size: samples the reservoir holds (equal-memory comparisons count these).
+        replay_batch_size: memory samples per step (default: the stream's batch size).
+    """
+
+    def __init__(
+        self, *, memory_size: int = 500, replay_batch_size: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if replay_batch_size is not None and replay_batch_size < 1:
+            raise ValueError(f"replay_batch_size: must be >= 1, got {replay_batch_size!r}")
+        self.replay_batch_size = replay_batch_size or self.batch_size
+        self.memory = ReservoirBuffer(memory_size, self.input_shape, seed=self.seed)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(x)
+        if len(self.memory):
+            mx, my = self.memory.sample(self.replay_batch_size)
+            out = self.model(torch.cat([x, mx]))
+            loss = F.cross_entropy(out, torch.cat([y, my]))
+        else:
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+        self.memory.add(x, y)
+        return out[:n], loss
