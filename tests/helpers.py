@@ -1,0 +1,31 @@
+"""Small shared helpers for tests that run a real Lightning Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from adaptlab.data import StreamDataModule
+from adaptlab.evaluation import StreamEvaluator
+from adaptlab.streams import Stream
+
+
+def learner_kwargs(stream: Stream, **extra) -> dict:
+    return {"input_shape": stream.input_shape, "n_classes": stream.n_classes,
+            "batch_size": stream.batch_size, **extra}
+
+
+def fit(learner: pl.LightningModule, dm: StreamDataModule, log_dir: Path,
+        evaluator: StreamEvaluator | None = None, **trainer_kwargs) -> StreamEvaluator:
+    """One pass over the stream with the evaluator; returns the evaluator."""
+    ev = evaluator or StreamEvaluator(print_table=False, figures=False)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=TensorBoardLogger(str(log_dir), name="t", default_hp_metric=False),
+        enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        enable_model_summary=False, callbacks=[ev], **trainer_kwargs,
+    )
+    trainer.fit(learner, datamodule=dm)
+    ev.trainer_log_dir = trainer.log_dir
+    return ev
