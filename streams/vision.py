@@ -7,6 +7,7 @@ Transforms run vectorised once at build time; nothing per sample happens while s
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -231,8 +232,11 @@ class Corrupted(StreamBuilder):
             base = "cifar10" if self.source == "cifar10_c" else "cifar100"
             x, y = load_cifar_c(self.root, dataset=base, corruption=self.corruptions[0],
                                 severity=self.severity)
+            h = hashlib.sha256(self.source.encode())
+            h.update(x.numpy().tobytes())
+            h.update(y.numpy().tobytes())
             return SourceData(self.source, x[:0], y[:0], x, y, 10 if base == "cifar10" else 100,
-                              f"{self.source}:{self.root}")
+                              h.hexdigest())
         return super()._load()
 
     def _domains(self) -> list[tuple[str, int]]:
