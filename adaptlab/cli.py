@@ -67,6 +67,15 @@ def _getter(attr: str) -> Any:
 USER_ERRORS = (ValueError, FileNotFoundError, NonFiniteLossError, PermissionError)
 
 
+def user_message(err: BaseException) -> str:
+    """The innermost user error of a chain (jsonargparse wraps errors raised while linking),
+    folded onto one line."""
+    while isinstance(err.__cause__, USER_ERRORS):
+        err = err.__cause__
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(err).__name__
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; exits non-zero with a one-line message on bad input."""
     try:
@@ -81,8 +90,7 @@ def main(args: list[str] | None = None) -> None:
     except USER_ERRORS as err:
         if os.environ.get("ADAPTLAB_DEBUG"):
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"adaptlab: error: {msg}", file=sys.stderr)
+        print(f"adaptlab: error: {user_message(err)}", file=sys.stderr)
         sys.exit(1)
 
 

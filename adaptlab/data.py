@@ -81,9 +81,13 @@ class StreamDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not isinstance(batches_per_step, int) or batches_per_step < 1:
-            raise ValueError(f"batches_per_step: must be a positive integer, got {batches_per_step!r}")
+            raise ValueError(
+                f"batches_per_step: must be a positive integer, got {batches_per_step!r}"
+            )
         if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size: must be a positive integer, got {eval_batch_size!r}")
+            raise ValueError(
+                f"eval_batch_size: must be a positive integer, got {eval_batch_size!r}"
+            )
         if presentation not in (None, "stream", "iid"):
             raise ValueError(f"presentation: {presentation!r} is not 'stream' or 'iid'")
         self.config = stream

@@ -131,7 +131,9 @@ class StreamEvaluator(pl.Callback):
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, StreamLearner):
-            raise TypeError(f"StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}")
+            raise TypeError(
+                f"StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}"
+            )
         self.started_at = self.started_at or _now()
         if self.anytime_every is not None and self._next_anytime is None:
             self._next_anytime = self.anytime_every
@@ -179,7 +181,8 @@ class StreamEvaluator(pl.Callback):
         self._flush()
         if not self._events:
             return
-        tail = np.concatenate(self._events[-(self.window // max(1, int(self._events[-1][0, 1])) + 2):])
+        keep = self.window // max(1, int(self._events[-1][0, 1])) + 2
+        tail = np.concatenate(self._events[-keep:])
         ev = metrics.OnlineEvents(tail[:, 0], tail[:, 1], tail[:, 2], tail[:, 3])
         win = metrics.acc_online_windowed(ev, self.window)
         pos = int(tail[-1, 0])
@@ -190,7 +193,8 @@ class StreamEvaluator(pl.Callback):
         }
         st = self._stream(trainer)
         if not st.supervised:
-            values["TTA_Online_Error/train_phase/train_stream"] = 1 - self._correct / max(1, self._n)
+            err = 1 - self._correct / max(1, self._n)
+            values["TTA_Online_Error/train_phase/train_stream"] = err
         learner = trainer.lightning_module
         if hasattr(learner, "shift_events") and learner.expert_ids() is not None:
             values["ShiftDetect_Count/train_phase/train_stream"] = len(learner.shift_events())

@@ -47,7 +47,9 @@ def mlp(
 
 
 @register("lenet")
-def lenet(input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (6, 16)) -> nn.Module:
+def lenet(
+    input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (6, 16)
+) -> nn.Module:
     """LeNet-5 style: two 5x5 conv (padding 2) + max-pool blocks, then 120-84 dense.
 
     Padding keeps it valid on 8x8 digits as on 28x28 MNIST and 32x32 CIFAR.

@@ -86,7 +86,8 @@ class Split(StreamBuilder):
         out = []
         for g in self._groups(src.n_classes):
             lut = torch.full((src.n_classes,), -1, dtype=torch.int64)
-            lut[torch.tensor(g)] = torch.arange(len(g)) if self.labels == "local" else torch.tensor(g)
+            local = self.labels == "local"
+            lut[torch.tensor(g)] = torch.arange(len(g)) if local else torch.tensor(g)
             tr = lut[src.y_train] >= 0
             te = lut[src.y_test] >= 0
             out.append(SegmentData(

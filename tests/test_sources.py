@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets
+from sklearn.datasets import load_digits as sk_load_digits
+from sklearn.model_selection import train_test_split
+
 from adaptlab.streams.sources import (
     CORRUPTION_NAMES_C,
     SOURCES,
@@ -25,8 +28,6 @@ from adaptlab.streams.sources import (
     load_mnist,
     load_source,
 )
-from sklearn.datasets import load_digits as sk_load_digits
-from sklearn.model_selection import train_test_split
 
 TORCHVISION_SOURCES = ("mnist", "fashion_mnist", "cifar10", "cifar100")
 TORCHVISION_CLASSES = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100")

@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from adaptlab.streams import (
-    UNLABELED, Corrupted, Permuted, Rotated, Split, corrupted, permuted, rotated, split,
+    UNLABELED,
+    Corrupted,
+    Permuted,
+    Rotated,
+    Split,
+    corrupted,
+    permuted,
+    rotated,
+    split,
 )
 
 SMALL = {"max_samples_per_segment": 60, "test_samples_per_segment": 20}
