@@ -461,7 +461,8 @@ class StreamEvaluator(pl.Callback):
         ev = self.events()
         return {
             "init": self.init, "rows": self.rows, "anytime": self.anytime, "curve": self.curve,
-            "events": np.column_stack([ev.pos, ev.n, ev.n_correct, ev.seg]),
+            # a tensor, not a numpy array: checkpoints must load with weights_only=True
+            "events": torch.from_numpy(np.column_stack([ev.pos, ev.n, ev.n_correct, ev.seg])),
             "next_anytime": self._next_anytime, "started_at": self.started_at,
         }
 
@@ -469,7 +470,7 @@ class StreamEvaluator(pl.Callback):
         self._reset()
         self.init, self.rows = state["init"], state["rows"]
         self.anytime, self.curve = state["anytime"], state["curve"]
-        ev = np.asarray(state["events"], dtype=np.int64).reshape(-1, 4)
+        ev = torch.as_tensor(state["events"]).numpy().astype(np.int64).reshape(-1, 4)
         if len(ev):
             self._events = [ev]
             self._n, self._correct = int(ev[:, 1].sum()), int(ev[:, 2].sum())

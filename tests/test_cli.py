@@ -45,6 +45,13 @@ def test_fit_writes_metrics_json_and_tensorboard_events(tmp_path):
     run = json.loads((run_dir / "run.json").read_text())
     assert run["learner"] == "Replay" and run["finished_at"]
 
+    ckpt = glob.glob(str(run_dir / "checkpoints" / "*.ckpt"))
+    assert ckpt, "the default ModelCheckpoint writes one checkpoint"
+    tested = adaptlab("test", "--config", str(ROOT / "configs/replay/split_digits.yaml"), *SMALL,
+                      "--trainer.logger", "false", "--ckpt_path", ckpt[0], cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert "test/acc_exp004" in tested.stdout
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
