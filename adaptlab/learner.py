@@ -17,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.optimizer import LightningOptimizer
 from torch import nn
 
 from .models import build_model
@@ -42,6 +43,9 @@ class StreamLearner(pl.LightningModule):
 
     presentation = "stream"
     """How the data module should present the stream: in order, or `"iid"` (Joint)."""
+
+    fast_update = True
+    """Allow `update` to bypass Lightning's hook dispatch when it would do nothing."""
 
     def __init__(
         self,
@@ -71,6 +75,7 @@ class StreamLearner(pl.LightningModule):
         self.observe_steps = 0
         self.update_steps = 0
         self._update_hooks: list[UpdateHook] = []
+        self._fast_update = False
 
     # -- building blocks for subclasses -------------------------------------------------------
     def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
@@ -82,13 +87,72 @@ class StreamLearner(pl.LightningModule):
             )
 
     def update(self, optimizer: Any, loss: torch.Tensor) -> None:
-        """One optimizer update: zero, backward through Lightning, hooks, step."""
+        """One optimizer update: zero, backward, update hooks, step.
+
+        Goes through Lightning (`manual_backward`, `LightningOptimizer.step`) whenever that
+        path could do something: another strategy or precision, or a callback or the learner
+        overriding a backward/step hook. Otherwise (one device, fp32 or bf16 autocast, no
+        such hooks) it calls the same operations directly: identical arithmetic without
+        Lightning's per-call hook dispatch, which dominates on tiny online batches. Either
+        way every update counts toward `trainer.global_step`.
+        """
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        for hook in self._update_hooks:
-            hook(self.update_steps)
-        optimizer.step()
+        if self._fast_update:
+            loss.backward()
+            for hook in self._update_hooks:
+                hook(self.update_steps)
+            if isinstance(optimizer, LightningOptimizer):
+                optimizer._on_before_step()
+                optimizer.optimizer.step()
+                optimizer._on_after_step()
+            else:
+                optimizer.step()
+                self._count_step()
+        else:
+            self.manual_backward(loss)
+            for hook in self._update_hooks:
+                hook(self.update_steps)
+            optimizer.step()
+            if not isinstance(optimizer, LightningOptimizer):
+                self._count_step()
         self.update_steps += 1
+
+    def _count_step(self) -> None:
+        """Count an update of an optimizer Lightning does not manage (e.g. created at run
+        time) toward `global_step`, so step-based checkpointing works for every learner."""
+        trainer = self._trainer
+        if trainer is not None:
+            progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
+
+    def _can_bypass_lightning(self) -> bool:
+        """True when Lightning's backward/step path would add nothing but overhead."""
+        from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+        from pytorch_lightning.profilers import PassThroughProfiler
+        from pytorch_lightning.strategies import SingleDeviceStrategy
+        from pytorch_lightning.utilities.model_helpers import is_overridden
+
+        trainer = self._trainer
+        if trainer is None or not self.fast_update:
+            return False
+        precision = trainer.precision_plugin
+        plain_precision = type(precision) is Precision or (
+            type(precision) is MixedPrecision and precision.scaler is None
+        )
+        hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+        hooked = any(
+            is_overridden(h, cb, parent=pl.Callback) for cb in trainer.callbacks for h in hooks
+        ) or any(is_overridden(h, self, parent=pl.LightningModule) for h in (*hooks, "backward"))
+        return (
+            type(trainer.strategy) is SingleDeviceStrategy
+            and plain_precision
+            and not hooked
+            and isinstance(trainer.profiler, PassThroughProfiler)
+        )
+
+    def on_train_start(self) -> None:
+        self._fast_update = self._can_bypass_lightning()
 
     # -- the contract -------------------------------------------------------------------------
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,16 +187,17 @@ class StreamLearner(pl.LightningModule):
         x, y = batch
         b = self.batch_size
         pairs = [(x, y)] if len(x) <= b else zip(x.split(b), y.split(b))
-        preds, losses = [], []
+        outs, losses = [], []
         for xb, yb in pairs:
             logits, loss = self.observe(xb, yb)
             self.observe_steps += 1
-            preds.append(logits.argmax(-1))
+            outs.append(logits)
             if loss is not None:
                 losses.append(loss)
         if losses:
-            self._check_finite(torch.stack(losses))
-        return {"preds": preds[0] if len(preds) == 1 else torch.cat(preds)}
+            self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return {"preds": logits.argmax(-1)}
 
     def _check_finite(self, losses: torch.Tensor) -> None:
         # One check per Lightning step (not per observe): a host sync per chunk at most.

@@ -18,13 +18,14 @@ def learner_kwargs(stream: Stream, **extra) -> dict:
 
 
 def fit(learner: pl.LightningModule, dm: StreamDataModule, log_dir: Path,
-        evaluator: StreamEvaluator | None = None, **trainer_kwargs) -> StreamEvaluator:
+        evaluator: StreamEvaluator | None = None, callbacks_extra: list | None = None,
+        **trainer_kwargs) -> StreamEvaluator:
     """One pass over the stream with the evaluator; returns the evaluator."""
     ev = evaluator or StreamEvaluator(print_table=False, figures=False)
     trainer = pl.Trainer(
         max_epochs=1, logger=TensorBoardLogger(str(log_dir), name="t", default_hp_metric=False),
         enable_progress_bar=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        enable_model_summary=False, callbacks=[ev], **trainer_kwargs,
+        enable_model_summary=False, callbacks=[ev, *(callbacks_extra or [])], **trainer_kwargs,
     )
     trainer.fit(learner, datamodule=dm)
     ev.trainer_log_dir = trainer.log_dir

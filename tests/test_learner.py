@@ -148,3 +148,31 @@ def test_backbone_errors():
         build_model("lenet", (1, 3, 3), 10)
     with pytest.raises(ValueError, match="at least 2 classes"):
         build_model("mlp", (1, 8, 8), 1)
+
+
+@pytest.mark.parametrize("cls", [Finetune, Replay])
+def test_fast_update_matches_lightnings_own_path(tmp_path, cls):
+    """The direct backward/step path computes exactly what manual_backward + step compute."""
+    st = split(**SMALL)
+    results = []
+    for fast in (True, False):
+        learner = cls(**learner_kwargs(st, seed=3, momentum=0.9))
+        learner.fast_update = fast
+        fit(learner, StreamDataModule(st, batches_per_step=4), tmp_path / str(fast))
+        assert learner._fast_update is fast
+        assert learner.trainer.global_step == learner.update_steps == len(st) // 10
+        results.append(torch.cat([p.detach().flatten() for p in learner.parameters()]))
+    assert torch.equal(results[0], results[1])
+
+
+def test_lightning_path_is_kept_when_a_callback_hooks_backward(tmp_path):
+    seen = []
+
+    class GradProbe(pl.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            seen.append(1)
+
+    st = split(**SMALL)
+    learner = Finetune(**learner_kwargs(st))
+    fit(learner, StreamDataModule(st), tmp_path, callbacks_extra=[GradProbe()])
+    assert not learner._fast_update and len(seen) == learner.update_steps > 0

@@ -136,7 +136,7 @@ def main() -> None:
     plain_loop(st, args.lr, 0)  # warm-up (allocator, kernels)
     rows.append(("plain PyTorch loop", plain_loop(st, args.lr, 0)))
     rows.append(("Lightning Trainer, automatic optimisation", lightning_plain(st, args.lr, 0)))
-    for k in (1, 10):
+    for k in (1, 10, 50):
         rows.append((f"adaptlab Finetune (Trainer), batches_per_step={k}",
                      adaptlab_finetune(st, args.lr, 0, k, args.log_dir)))
     rows.append(("Avalanche Naive", avalanche_naive(st, args.lr, 0)))
