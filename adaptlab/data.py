@@ -39,6 +39,34 @@ class ChunkDataset(Dataset):
         return x, self.y[s:e]
 
 
+class StreamLoader:
+    """The training loader: chunks in stream order, resumable at the exact chunk.
+
+    Its length is the whole epoch's chunk count, and iteration starts at the chunk where the
+    data module's restored `samples_consumed` points. Lightning sees a stateful loader (it
+    has `state_dict`), so after a mid-epoch resume it expects exactly the remaining chunks.
+    """
+
+    def __init__(self, dataset: ChunkDataset, first: int = 0, pin_memory: bool = False):
+        self.dataset, self.first, self.pin_memory = dataset, first, pin_memory
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        for i in range(self.first, len(self.dataset)):
+            x, y = self.dataset[i]
+            if self.pin_memory:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the position is the data module's `samples_consumed`
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def chunk_plan(
     n: int, eval_positions: tuple[int, ...], chunk: int, start: int = 0
 ) -> tuple[list[int], list[int]]:
@@ -74,7 +102,7 @@ class StreamDataModule(pl.LightningDataModule):
     def __init__(
         self,
         stream: StreamBuilder | Stream,
-        batches_per_step: int = 1,
+        batches_per_step: int = 50,
         eval_batch_size: int = 1024,
         presentation: str | None = None,
         device_cache: bool = False,
@@ -156,17 +184,23 @@ class StreamDataModule(pl.LightningDataModule):
             self._stream = _moved(st, dev)
 
     # -- loaders ------------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         st = self.stream
         starts, ends = chunk_plan(
-            len(st), st.eval_positions, self.batches_per_step * st.batch_size,
-            self.samples_consumed,
+            len(st), st.eval_positions, self.batches_per_step * st.batch_size
         )
+        if self.samples_consumed in ends:
+            first = ends.index(self.samples_consumed) + 1
+        elif self.samples_consumed == 0:
+            first = 0
+        else:
+            raise ValueError(
+                f"checkpoint: position {self.samples_consumed} is not a chunk boundary with "
+                f"batches_per_step={self.batches_per_step}; resume with the value that wrote it"
+            )
         self._loader_dataset = ChunkDataset(st.x, st.learner_labels(st.y), starts, ends)
-        return DataLoader(
-            self._loader_dataset, batch_size=None, shuffle=False, num_workers=0,
-            pin_memory=st.x.device.type == "cpu" and torch.cuda.is_available(),
-        )
+        pin = st.x.device.type == "cpu" and torch.cuda.is_available()
+        return StreamLoader(self._loader_dataset, first, pin_memory=pin)
 
     def _test_loaders(self) -> list[DataLoader]:
         loaders = []

@@ -37,6 +37,8 @@ class StreamEvaluator(pl.Callback):
     Args:
         init_eval: evaluate once before training (gives b[j] for forward transfer).
         window: samples in the windowed online accuracy.
+        log_every: log online accuracy every this many observed mini-batches (one host
+            sync each); independent of how many batches a Lightning step holds.
         anytime_every: also evaluate every this many samples (costly; anytime AUC).
         tolerance: detection tolerance in samples (default 20·B).
         warmup: detections before this position are not false alarms.
@@ -48,6 +50,7 @@ class StreamEvaluator(pl.Callback):
         self,
         init_eval: bool = True,
         window: int = 500,
+        log_every: int = 50,
         anytime_every: int | None = None,
         tolerance: int | None = None,
         warmup: int = 0,
@@ -60,6 +63,9 @@ class StreamEvaluator(pl.Callback):
             raise ValueError(f"evaluator.anytime_every: must be >= 1, got {anytime_every!r}")
         self.init_eval = init_eval
         self.window = window
+        if log_every < 1:
+            raise ValueError(f"evaluator.log_every: must be >= 1, got {log_every!r}")
+        self.log_every = log_every
         self.anytime_every = anytime_every
         self.tolerance = tolerance
         self.warmup = warmup
@@ -78,6 +84,7 @@ class StreamEvaluator(pl.Callback):
         self._n = 0
         self._correct = 0
         self._next_anytime: int | None = None
+        self._logged_at = -1
         self.done = False
 
     # -- helpers ------------------------------------------------------------------------------
@@ -167,7 +174,8 @@ class StreamEvaluator(pl.Callback):
         self._pending.append((np.column_stack([pos, n, seg]), per_batch))
 
         step = pl_module.observe_steps
-        if batch_idx % max(1, trainer.log_every_n_steps) == 0:
+        if step // self.log_every > self._logged_at // self.log_every:
+            self._logged_at = step
             self._log_online(trainer, step)
         if self._next_anytime is not None and end >= self._next_anytime:
             acc = self._evaluate(trainer, pl_module)
@@ -464,6 +472,7 @@ class StreamEvaluator(pl.Callback):
             # a tensor, not a numpy array: checkpoints must load with weights_only=True
             "events": torch.from_numpy(np.column_stack([ev.pos, ev.n, ev.n_correct, ev.seg])),
             "next_anytime": self._next_anytime, "started_at": self.started_at,
+            "logged_at": self._logged_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -476,6 +485,7 @@ class StreamEvaluator(pl.Callback):
             self._n, self._correct = int(ev[:, 1].sum()), int(ev[:, 2].sum())
         self._next_anytime = state["next_anytime"]
         self.started_at = state["started_at"]
+        self._logged_at = state.get("logged_at", -1)
 
 
 def format_table(doc: dict[str, Any], log_dir: str) -> str:

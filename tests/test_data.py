@@ -97,14 +97,21 @@ def test_joint_gets_an_iid_presentation(tmp_path):
 
 def test_state_dict_resumes_position_and_rejects_other_streams():
     st = split(**SMALL)
-    dm = StreamDataModule(st)
+    dm = StreamDataModule(st, batches_per_step=4)
     dm.samples_consumed = 120
     state = dm.state_dict()
-    dm2 = StreamDataModule(split(**SMALL))
+    dm2 = StreamDataModule(split(**SMALL), batches_per_step=4)
     dm2.load_state_dict(state)
     assert dm2.samples_consumed == 120
-    starts = [int(x[0].shape[0]) for x in dm2.train_dataloader()]
-    assert sum(starts) == len(st) - 120
+    loader = dm2.train_dataloader()
+    chunks = [x for x, _ in loader]
+    assert sum(len(x) for x in chunks) == len(st) - 120
+    assert torch.equal(chunks[0], st.x[120:160])
+    assert len(loader) == len(st) // 40  # Lightning sees the whole epoch's length
+    other_bps = StreamDataModule(split(**SMALL), batches_per_step=7)
+    other_bps.load_state_dict(state)
+    with pytest.raises(ValueError, match="chunk boundary"):
+        other_bps.train_dataloader()
     other = StreamDataModule(split(seed=5, **SMALL))
     with pytest.raises(ValueError, match="another stream"):
         other.load_state_dict(state)
