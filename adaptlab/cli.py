@@ -41,7 +41,7 @@ class AdaptLabCLI(LightningCLI):
         parser.add_lightning_class_args(StreamEvaluator, "evaluator")
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 50})
-        for attr in ("input_shape", "n_classes", "batch_size"):
+        for attr in LINKED:
             parser.link_arguments(
                 "data", f"model.init_args.{attr}",
                 compute_fn=_getter(attr), apply_on="instantiate",
@@ -54,6 +54,73 @@ class AdaptLabCLI(LightningCLI):
             if threads < 1:
                 raise ValueError(f"threads: must be >= 1, got {threads}")
             torch.set_num_threads(threads)
+
+
+    def _parse_ckpt_path(self) -> None:
+        """Check a checkpoint against the config instead of merging its hyperparameters in.
+
+        LightningCLI replaces the configured model with the checkpoint's; here the config (plus
+        the seed) defines the run, so a checkpoint from another learner or with other learner
+        settings is refused, naming what differs.
+        """
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path!r}")
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        saved = dict(ckpt.get("hyper_parameters", {}))
+        model = self.config[sub]["model"]
+        theirs, mine = saved.pop("_class_path", None), model.get("class_path")
+        if theirs and mine and theirs != mine:
+            raise ValueError(
+                f"checkpoint: written by learner {theirs.rsplit('.', 1)[-1]}, not "
+                f"{mine.rsplit('.', 1)[-1]}; resume with the config that wrote it"
+            )
+        ours = model.get("init_args") or {}
+        for key, value in saved.items():
+            if key.startswith("_") or key in LINKED or key not in ours:
+                continue
+            if _plain(ours[key]) != _plain(value):
+                raise ValueError(
+                    f"checkpoint: written with model.{key}={value!r}, the config says "
+                    f"{ours[key]!r}; resume with the config that wrote it"
+                )
+
+    def before_fit(self) -> None:
+        """Fail before training, not after it, when the run cannot write its outputs."""
+        if self.trainer.max_epochs != 1:
+            raise ValueError(
+                f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
+                f"{self.trainer.max_epochs}; use the stream's `repeats` for passes per segment"
+            )
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            probe = os.path.join(log_dir, ".adaptlab_write_probe")
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            raise ValueError(
+                f"log dir {log_dir!r} is not writable ({err.strerror}); set "
+                "--trainer.logger.init_args.save_dir to a writable folder"
+            ) from None
+
+
+LINKED = ("input_shape", "n_classes", "batch_size")
+
+
+def _plain(value: Any) -> Any:
+    """Comparable form of a hyperparameter (tuples and lists alike, namespaces as dicts)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _getter(attr: str) -> Any:

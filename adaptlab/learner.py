@@ -39,6 +39,9 @@ class StreamLearner(pl.LightningModule):
         backbone: a name from `adaptlab.models.MODELS` (`mlp`, `lenet`, `resnet18`).
         backbone_args: keyword arguments of that backbone (e.g. `{"hidden": [256]}`).
         seed: seeds the learner's own initialisation and random draws.
+        nonfinite: what a NaN/inf training loss does: `"raise"` (stop with a clear error,
+            checked once per Lightning step) or `"skip"` (skip that update and count it in
+            `skipped_updates`; costs one host sync per update).
     """
 
     presentation = "stream"
@@ -56,8 +59,11 @@ class StreamLearner(pl.LightningModule):
         backbone: str = "mlp",
         backbone_args: dict[str, Any] | None = None,
         seed: int = 0,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite: {nonfinite!r} is not 'raise' or 'skip'")
         if input_shape is None or n_classes is None:
             raise ValueError(
                 "input_shape and n_classes: required (the CLI links them from the stream; "
@@ -72,6 +78,8 @@ class StreamLearner(pl.LightningModule):
         self.backbone = backbone
         self.backbone_args = dict(backbone_args or {})
         self.seed = seed
+        self.nonfinite = nonfinite
+        self.skipped_updates = 0
         self.observe_steps = 0
         self.update_steps = 0
         self._update_hooks: list[UpdateHook] = []
@@ -96,6 +104,9 @@ class StreamLearner(pl.LightningModule):
         Lightning's per-call hook dispatch, which dominates on tiny online batches. Either
         way every update counts toward `trainer.global_step`.
         """
+        if self.nonfinite == "skip" and not bool(torch.isfinite(loss)):
+            self.skipped_updates += 1
+            return
         optimizer.zero_grad(set_to_none=True)
         if self._fast_update:
             loss.backward()
@@ -194,7 +205,7 @@ class StreamLearner(pl.LightningModule):
             outs.append(logits)
             if loss is not None:
                 losses.append(loss)
-        if losses:
+        if losses and self.nonfinite == "raise":
             self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)
         return {"preds": logits.argmax(-1)}
@@ -204,8 +215,9 @@ class StreamLearner(pl.LightningModule):
         if not bool(torch.isfinite(losses).all()):
             raise NonFiniteLossError(
                 f"training loss became {losses[~torch.isfinite(losses)][0].item()} at observe "
-                f"step {self.observe_steps}: check the data for NaN/inf and lower the learning "
-                "rate; on an unlabelled (TTA) stream use a learner that does not need labels"
+                f"step {self.observe_steps}: lower the learning rate, or set "
+                "`nonfinite: skip` to skip such updates; on an unlabelled (TTA) stream use a "
+                "learner that does not need labels"
             )
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int,
@@ -226,6 +238,7 @@ class StreamLearner(pl.LightningModule):
             "class": type(self).__qualname__,
             "observe_steps": self.observe_steps,
             "update_steps": self.update_steps,
+            "skipped_updates": self.skipped_updates,
             **self.extra_state(),
         }
 
@@ -240,6 +253,7 @@ class StreamLearner(pl.LightningModule):
             )
         self.observe_steps = int(state["observe_steps"])
         self.update_steps = int(state["update_steps"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
         self.load_extra_state(state)
 
     def extra_state(self) -> dict[str, Any]:

@@ -87,7 +87,10 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
         raise ValueError(f"backbone: unknown {name!r}; choose one of {sorted(MODELS)}")
     if n_classes < 2:
         raise ValueError(f"n_classes: a classifier needs at least 2 classes, got {n_classes}")
-    model = MODELS[name](tuple(input_shape), int(n_classes), **kwargs)
+    try:
+        model = MODELS[name](tuple(input_shape), int(n_classes), **kwargs)
+    except TypeError as err:
+        raise ValueError(f"backbone_args: {err} (backbone {name!r})") from None
     try:
         with torch.no_grad():
             was = model.training

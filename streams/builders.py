@@ -137,6 +137,8 @@ class StreamBuilder:
         """Load the source, make the segments, schedule them, and freeze the result."""
         src = self._load()
         segs = [self._subsample(sd, s) for s, sd in enumerate(self._make_segments(src))]
+        if not segs:
+            raise ValueError(f"{self.kind} stream: no segments (the stream would be empty)")
         for s, sd in enumerate(segs):
             if len(sd.y_train) == 0 or len(sd.y_test) == 0:
                 raise ValueError(
@@ -156,6 +158,9 @@ class StreamBuilder:
             eval_at=self.eval_at, label_shift=self.label_shift,
             align_batches_to_boundaries=self.align_batches_to_boundaries,
         )
+        if pool_x.is_floating_point() and not bool(torch.isfinite(pool_x).all()):
+            bad = int(torch.nonzero(~torch.isfinite(pool_x.flatten(1)).all(1))[0])
+            raise ValueError(f"the data contains NaN or inf (first at pool sample {bad})")
         idx = torch.from_numpy(arr.order)
         y = pool_y[idx].contiguous()
         if torch.unique(y).numel() < 2:
