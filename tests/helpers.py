@@ -30,3 +30,17 @@ def fit(learner: pl.LightningModule, dm: StreamDataModule, log_dir: Path,
     trainer.fit(learner, datamodule=dm)
     ev.trainer_log_dir = trainer.log_dir
     return ev
+
+
+class SlowAfter(pl.Callback):
+    """Test aid: sleep after each Lightning step past `step`, so a test can kill the run
+    at a known stage (after a mid-stream checkpoint, before the end)."""
+
+    def __init__(self, step: int = 10, seconds: float = 0.2) -> None:
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            import time
+
+            time.sleep(self.seconds)

@@ -60,3 +60,10 @@ def test_crash_and_resume_gives_identical_metrics(tmp_path, cls):
     assert resumed["status"] == "completed"
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert resumed == whole
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    first = run(Replay, str(tmp_path / "a"))
+    second = run(Replay, str(tmp_path / "b"))
+    assert first == second
+    assert first["status"] == "completed"
