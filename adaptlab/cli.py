@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 import adaptlab.strategies  # noqa: F401  (registers the learners for `--model Name`)
 
 from .data import StreamDataModule
+from .distributed import StreamDDPStrategy
 from .evaluation import StreamEvaluator
 from .learner import NonFiniteLossError, StreamLearner
 
@@ -49,6 +50,10 @@ class AdaptLabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.get("trainer", {}).get("strategy") in ("ddp", "ddp_find_unused_parameters_true"):
+            # Stream learners run several forward/backward pairs per step and may create
+            # modules at run time: torch's wrapping DDP cannot serve them.
+            cfg["trainer"]["strategy"] = StreamDDPStrategy.strategy_name
         threads = cfg.get("threads")
         if threads is not None:
             if threads < 1:

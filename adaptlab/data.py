@@ -21,10 +21,12 @@ from .streams import Stream, StreamBuilder
 
 class ChunkDataset(Dataset):
     """Item i is the slice `[starts[i], ends[i])` of the stream: one call per chunk, no
-    per-sample indexing and no collation. uint8 images become float once per chunk."""
+    per-sample indexing and no collation. uint8 images become float once per chunk. Under
+    data parallelism `index[i]` holds this rank's share of chunk i instead (one gather)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: list[int], ends: list[int]):
-        self.x, self.y, self.starts, self.ends = x, y, starts, ends
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: list[int], ends: list[int],
+                 index: list[torch.Tensor] | None = None):
+        self.x, self.y, self.starts, self.ends, self.index = x, y, starts, ends, index
         self.calls = 0
 
     def __len__(self) -> int:
@@ -32,11 +34,28 @@ class ChunkDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
-        s, e = self.starts[i], self.ends[i]
-        x = self.x[s:e]
+        if self.index is not None:
+            x, y = self.x[self.index[i]], self.y[self.index[i]]
+        else:
+            s, e = self.starts[i], self.ends[i]
+            x, y = self.x[s:e], self.y[s:e]
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        return x, self.y[s:e]
+        return x, y
+
+
+def shard_index(start: int, end: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of every mini-batch in `[start, end)`: contiguous, near-equal parts."""
+    parts = [
+        torch.arange(p, min(p + batch_size, end)).tensor_split(world)[rank]
+        for p in range(start, end, batch_size)
+    ]
+    if any(len(part) == 0 for part in parts):
+        raise ValueError(
+            f"trainer.devices: a mini-batch smaller than the {world} processes leaves one "
+            f"with no samples; use batch_size >= devices"
+        )
+    return torch.cat(parts)
 
 
 class StreamLoader:
@@ -124,6 +143,8 @@ class StreamDataModule(pl.LightningDataModule):
         self.presentation = presentation
         self.device_cache = device_cache
         self.samples_consumed = 0
+        self._plan: tuple[list[int], list[int], list[torch.Tensor] | None] = ([], [], None)
+        self._next_chunk = 0
         self._base: Stream | None = stream if isinstance(stream, Stream) else None
         self._stream: Stream | None = None
         self._chunk: tuple[int, int] = (0, 0)
@@ -198,7 +219,19 @@ class StreamDataModule(pl.LightningDataModule):
                 f"checkpoint: position {self.samples_consumed} is not a chunk boundary with "
                 f"batches_per_step={self.batches_per_step}; resume with the value that wrote it"
             )
-        self._loader_dataset = ChunkDataset(st.x, st.learner_labels(st.y), starts, ends)
+        index = None
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            if st.batch_size % world:
+                raise ValueError(
+                    f"batch_size: {st.batch_size} is not divisible by the {world} processes"
+                )
+            rank = trainer.global_rank
+            index = [shard_index(s, e, st.batch_size, rank, world) for s, e in zip(starts, ends)]
+        self._plan = (starts, ends, index)
+        self._next_chunk = first
+        self._loader_dataset = ChunkDataset(st.x, st.learner_labels(st.y), starts, ends, index)
         pin = st.x.device.type == "cpu" and torch.cuda.is_available()
         return StreamLoader(self._loader_dataset, first, pin_memory=pin)
 
@@ -229,16 +262,22 @@ class StreamDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = self.trainer
         if trainer is not None and trainer.training:
-            n = int(batch[0].shape[0])
-            self._chunk = (self.samples_consumed, self.samples_consumed + n)
-            self.samples_consumed += n
+            starts, ends, _ = self._plan
+            i = self._next_chunk
+            self._chunk = (starts[i], ends[i])
+            self.samples_consumed = ends[i]
+            self._next_chunk += 1
         return batch
 
     def batch_meta(self) -> dict[str, Any]:
         """Per-chunk metadata for callbacks (never the learner): the current chunk's
-        `[start, end)` and the true `segment_ids` of its samples."""
+        `[start, end)`, the true `segment_ids` of its samples, and `index`, the stream
+        positions of the samples this process trained on (all of them without DDP)."""
         s, e = self._chunk
-        return {"start": s, "end": e, "segment_ids": self.stream.segment_ids[s:e]}
+        _, _, index = self._plan
+        local = index[self._next_chunk - 1] if index is not None else torch.arange(s, e)
+        return {"start": s, "end": e, "segment_ids": self.stream.segment_ids[s:e],
+                "index": local}
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples_consumed": self.samples_consumed, "fingerprint": self.stream.fingerprint}

@@ -93,7 +93,10 @@ class StreamEvaluator(pl.Callback):
         return trainer.datamodule.stream
 
     def log_dir(self, trainer: pl.Trainer) -> str:
-        return trainer.log_dir or trainer.default_root_dir
+        # `trainer.log_dir` is a collective under DDP: read it once on every rank, early.
+        if getattr(self, "_log_dir", None) is None:
+            self._log_dir = trainer.log_dir or trainer.default_root_dir
+        return self._log_dir
 
     def _evaluate(self, trainer: pl.Trainer, learner: StreamLearner) -> list[float]:
         """Accuracy on every segment's held-out test set; leaves training state untouched."""
@@ -142,6 +145,8 @@ class StreamEvaluator(pl.Callback):
                 f"StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}"
             )
         self.started_at = self.started_at or _now()
+        self._log_dir = None
+        self.log_dir(trainer)
         if self.anytime_every is not None and self._next_anytime is None:
             self._next_anytime = self.anytime_every
         fresh = trainer.datamodule.samples_consumed == 0
@@ -161,16 +166,25 @@ class StreamEvaluator(pl.Callback):
         meta = dm.batch_meta()
         start, end = meta["start"], meta["end"]
         preds = outputs["preds"]
-        y = st.y[start:end].to(preds.device, non_blocking=True)
-        correct = (preds == y).to(torch.int32)
         b = pl_module.batch_size
         pos = np.arange(start, end, b, dtype=np.int64)
         n = np.minimum(pos + b, end) - pos
         seg = st.segment_ids[pos].numpy()
-        if (end - start) % b == 0:
-            per_batch = correct.view(-1, b).sum(1)
-        else:
-            per_batch = torch.stack([c.sum() for c in correct.split(b)])
+        world = trainer.world_size
+        if world == 1:
+            y = st.y[start:end].to(preds.device, non_blocking=True)
+            correct = (preds == y).to(torch.int32)
+            if (end - start) % b == 0:
+                per_batch = correct.view(-1, b).sum(1)
+            else:
+                per_batch = torch.stack([c.sum() for c in correct.split(b)])
+        else:  # this process scored its share of each batch; the counts are summed
+            index = meta["index"]
+            correct = (preds == st.y[index].to(preds.device)).to(torch.int64)
+            batch_of = torch.as_tensor((index.numpy() - start) // b, device=preds.device)
+            per_batch = torch.zeros(len(pos), dtype=torch.int64, device=preds.device)
+            per_batch.index_add_(0, batch_of, correct)
+            per_batch = trainer.strategy.all_sum(per_batch)
         self._pending.append((np.column_stack([pos, n, seg]), per_batch))
 
         step = pl_module.observe_steps

@@ -84,6 +84,7 @@ class StreamLearner(pl.LightningModule):
         self.update_steps = 0
         self._update_hooks: list[UpdateHook] = []
         self._fast_update = False
+        self._local_batch = batch_size
 
     # -- building blocks for subclasses -------------------------------------------------------
     def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
@@ -94,7 +95,7 @@ class StreamLearner(pl.LightningModule):
                 self.backbone, self.input_shape, n_classes or self.n_classes, **self.backbone_args
             )
 
-    def update(self, optimizer: Any, loss: torch.Tensor) -> None:
+    def update(self, optimizer: Any, loss: torch.Tensor, n: int = 1) -> None:
         """One optimizer update: zero, backward, update hooks, step.
 
         Goes through Lightning (`manual_backward`, `LightningOptimizer.step`) whenever that
@@ -102,7 +103,9 @@ class StreamLearner(pl.LightningModule):
         overriding a backward/step hook. Otherwise (one device, fp32 or bf16 autocast, no
         such hooks) it calls the same operations directly: identical arithmetic without
         Lightning's per-call hook dispatch, which dominates on tiny online batches. Either
-        way every update counts toward `trainer.global_step`.
+        way every update counts toward `trainer.global_step`. Under `StreamDDPStrategy`
+        the gradients are averaged over processes, weighted by `n`, this process's number
+        of samples in the loss.
         """
         if self.nonfinite == "skip" and not bool(torch.isfinite(loss)):
             self.skipped_updates += 1
@@ -121,6 +124,9 @@ class StreamLearner(pl.LightningModule):
                 self._count_step()
         else:
             self.manual_backward(loss)
+            sync = getattr(self._trainer.strategy, "sync_grads", None) if self._trainer else None
+            if sync is not None:
+                sync([p for group in optimizer.param_groups for p in group["params"]], n)
             for hook in self._update_hooks:
                 hook(self.update_steps)
             optimizer.step()
@@ -164,6 +170,8 @@ class StreamLearner(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._fast_update = self._can_bypass_lightning()
+        # Under data parallelism each process observes its share of every mini-batch.
+        self._local_batch = self.batch_size // max(1, self.trainer.world_size)
 
     # -- the contract -------------------------------------------------------------------------
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,7 +204,7 @@ class StreamLearner(pl.LightningModule):
     # -- Lightning plumbing -------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         x, y = batch
-        b = self.batch_size
+        b = self._local_batch
         pairs = [(x, y)] if len(x) <= b else zip(x.split(b), y.split(b))
         outs, losses = [], []
         for xb, yb in pairs:

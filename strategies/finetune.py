@@ -51,5 +51,5 @@ class Finetune(StreamLearner):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, loss = self.training_loss(x, y)
-        self.update(self.optimizers(), loss)
+        self.update(self.optimizers(), loss, n=len(x))
         return logits.detach(), loss.detach()
