@@ -3,5 +3,6 @@
 from .finetune import Finetune
 from .joint import Joint
 from .replay import Replay
+from .tame import TAME
 
-__all__ = ["Finetune", "Joint", "Replay"]
+__all__ = ["Finetune", "Joint", "Replay", "TAME"]

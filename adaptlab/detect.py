@@ -1,0 +1,212 @@
+"""`ShiftDetector`: loss-statistics shift detection, one channel per expert or signal.
+
+The rule (TAME, Zhu et al. 2022; spec `tame.md` §2), per channel k:
+
+    window_k  = the last W pre-update losses of k, seeded with [ln C] (CE of a uniform output)
+    tau_k     = mean(window_k) + n_sigma * max(std(window_k), sigma_floor)    (population std)
+    s_k       = alpha * loss + (1 - alpha) * s_k        (EWMA; the first value is the loss)
+    fired     = s_k > tau_k  and  steps_k >= grace
+
+A caller refreshes tau of the channel it watches *before* appending the new loss
+(`refresh_threshold`), asks `candidate` for the EWMA the new loss would give, decides with
+`fired`, and only then `commit`s the loss to the one channel that trained on it. Inactive
+channels keep a frozen tau, which is what lets TAME recognise a recurring segment.
+`test="welch"` swaps the threshold for a one-sided Welch t-test of the recent losses against
+the rest of the window. All state is in tensors, so a checkpoint restores it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from scipy import stats
+from torch import nn
+
+TESTS = ("threshold", "welch")
+CHAINS = ("own", "all")
+
+
+class ShiftDetector(nn.Module):
+    """Multi-channel EWMA-vs-window shift detector.
+
+    Args:
+        window: W, losses kept per channel (the seed counts as one until W appends push it out).
+        alpha: EWMA smoothing; 1 means no smoothing (noise then crosses tau).
+        n_sigma: tau = mu + n_sigma * max(sigma, sigma_floor).
+        sigma_floor: lower bound on sigma, so a flat window cannot make tau equal mu.
+        grace: a channel cannot fire before it has committed this many losses.
+        test: `threshold` (the rule above) or `welch` (scipy one-sided Welch t-test).
+        welch_recent: losses in the recent sample of the Welch test (incl. the new one).
+        welch_p: the Welch test fires below this p-value.
+        chain: `own` (EWMA over the channel's own commits) or `all` (an extra EWMA chain,
+            `s_all`, advanced on every batch for every channel: TAME's reference code).
+    """
+
+    def __init__(
+        self,
+        window: int = 100,
+        alpha: float = 0.2,
+        n_sigma: float = 3.0,
+        sigma_floor: float = 0.005,
+        grace: int = 20,
+        test: str = "threshold",
+        welch_recent: int = 10,
+        welch_p: float = 0.01,
+        chain: str = "own",
+    ) -> None:
+        super().__init__()
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"window: must be an integer >= 2, got {window!r}")
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha: must be in (0, 1], got {alpha!r}")
+        if grace < 0:
+            raise ValueError(f"grace: must be >= 0, got {grace!r}")
+        if test not in TESTS:
+            raise ValueError(f"test: {test!r} is not one of {TESTS}")
+        if chain not in CHAINS:
+            raise ValueError(f"chain: {chain!r} is not one of {CHAINS}")
+        if test == "welch" and not 2 <= welch_recent < window:
+            raise ValueError(f"welch_recent: must be in [2, window), got {welch_recent!r}")
+        self.W, self.alpha, self.n_sigma, self.sigma_floor = window, alpha, n_sigma, sigma_floor
+        self.grace, self.test, self.chain = grace, test, chain
+        self.welch_recent, self.welch_p = welch_recent, welch_p
+        f32 = torch.float32
+        self.register_buffer("window", torch.zeros(0, window, dtype=f32))
+        self.register_buffer("count", torch.zeros(0, dtype=torch.long))  # valid entries <= W
+        self.register_buffer("head", torch.zeros(0, dtype=torch.long))  # next slot to write
+        self.register_buffer("sbar", torch.zeros(0, dtype=f32))  # NaN = no EWMA yet
+        self.register_buffer("s_all", torch.zeros(0, dtype=f32))
+        self.register_buffer("tau", torch.zeros(0, dtype=f32))
+        self.register_buffer("steps", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("seed_value", torch.zeros(0, dtype=f32))
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.window.shape[0])
+
+    # -- channels -----------------------------------------------------------------------------
+    def add_channel(self, seed: float) -> int:
+        """A new channel whose window holds only `seed` (ln C for a C-way classifier)."""
+        dev = self.window.device
+        row = torch.zeros(1, self.W, device=dev)
+        row[0, 0] = seed
+        one = torch.ones(1, dtype=torch.long, device=dev)
+        nan = torch.full((1,), math.nan, device=dev)
+        self.window = torch.cat([self.window, row])
+        self.count = torch.cat([self.count, one])
+        self.head = torch.cat([self.head, one])
+        self.sbar = torch.cat([self.sbar, nan])
+        self.s_all = torch.cat([self.s_all, nan])
+        self.tau = torch.cat([self.tau, torch.zeros(1, device=dev)])
+        self.steps = torch.cat([self.steps, torch.zeros_like(one)])
+        self.seed_value = torch.cat([self.seed_value, torch.full((1,), float(seed), device=dev)])
+        k = self.n_channels - 1
+        self.refresh_threshold(k)
+        return k
+
+    def reset_channel(self, k: int, seed: float | None = None) -> None:
+        """Start channel k afresh (window `[seed]`, no EWMA, grace again)."""
+        seed = float(self.seed_value[k]) if seed is None else seed
+        self.window[k].zero_()
+        self.window[k, 0] = seed
+        self.count[k], self.head[k], self.steps[k] = 1, 1, 0
+        self.sbar[k] = math.nan
+        self.s_all[k] = math.nan
+        self.refresh_threshold(k)
+
+    # -- the rule -----------------------------------------------------------------------------
+    def _entries(self, k: int) -> torch.Tensor:
+        """Channel k's window in arrival order (oldest first)."""
+        n, h = int(self.count[k]), int(self.head[k])
+        if n < self.W:
+            return self.window[k, :n]
+        return torch.roll(self.window[k], -h)
+
+    def refresh_threshold(self, k: int) -> None:
+        """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std)."""
+        valid = torch.arange(self.W, device=self.window.device) < self.count[k]
+        w = self.window[k]
+        n = self.count[k].to(w.dtype)
+        mu = (w * valid).sum() / n
+        var = (((w - mu) * valid) ** 2).sum() / n
+        self.tau[k] = mu + self.n_sigma * torch.clamp(var.sqrt(), min=self.sigma_floor)
+
+    def candidate(self, loss: torch.Tensor) -> torch.Tensor:
+        """EWMA each channel would have after `loss[K]` (the loss itself where none yet)."""
+        loss = loss.to(self.sbar.dtype)
+        return torch.where(torch.isnan(self.sbar), loss,
+                           self.alpha * loss + (1 - self.alpha) * self.sbar)
+
+    def trigger_value(self, k: int, loss: torch.Tensor) -> torch.Tensor:
+        """What channel k's trigger compares with tau: the candidate on its `own` chain, or on
+        the `all` chain (advanced on every batch)."""
+        own = self.candidate(loss)[k]
+        if self.chain == "own":
+            return own
+        s = self.s_all[k]
+        return torch.where(torch.isnan(s), own, self.alpha * loss[k].float() + (1 - self.alpha) * s)
+
+    def exceeds(self, k: int, c: float, loss: float | None = None) -> bool:
+        """The test itself, without grace: does candidate `c` (raw `loss`) reject channel k?"""
+        if self.test == "threshold":
+            return c > float(self.tau[k])
+        if loss is None:
+            raise ValueError("ShiftDetector(test='welch') needs the raw loss: fired(k, c, loss)")
+        hist = self._entries(k).double().cpu().numpy()
+        recent = list(hist[len(hist) - (self.welch_recent - 1):]) + [float(loss)]
+        ref = hist[: len(hist) - (self.welch_recent - 1)]
+        if len(ref) < 2:
+            return False
+        p = stats.ttest_ind(recent, ref, equal_var=False, alternative="greater").pvalue
+        return bool(p < self.welch_p)
+
+    def fired(self, k: int, c: float | torch.Tensor, loss: float | None = None) -> bool:
+        """Shift on channel k: the test rejects and k is past its grace period."""
+        if int(self.steps[k]) < self.grace:
+            return False
+        return self.exceeds(k, float(c), loss)
+
+    def commit(self, k: int, loss: float | torch.Tensor) -> None:
+        """Channel k trained on a batch with pre-update `loss`: EWMA, window, step count."""
+        loss = torch.as_tensor(loss, dtype=self.sbar.dtype, device=self.sbar.device)
+        s = self.sbar[k]
+        self.sbar[k] = torch.where(torch.isnan(s), loss, self.alpha * loss + (1 - self.alpha) * s)
+        h = int(self.head[k])
+        self.window[k, h] = loss
+        self.head[k] = (h + 1) % self.W
+        self.count[k] = torch.clamp(self.count[k] + 1, max=self.W)
+        self.steps[k] += 1
+
+    def advance_all(self, loss: torch.Tensor) -> None:
+        """`chain="all"`: advance every channel's `s_all` with this batch's losses."""
+        if self.chain != "all":
+            return
+        loss = loss.to(self.s_all.dtype)
+        self.s_all = torch.where(torch.isnan(self.s_all), loss,
+                                 self.alpha * loss + (1 - self.alpha) * self.s_all)
+
+    def update(self, loss: float | torch.Tensor) -> bool:
+        """Single-signal use (channel 0, created on first call with the first loss as seed):
+        refresh, decide, commit. On a shift the channel restarts from the firing loss."""
+        value = float(loss)
+        if self.n_channels == 0:
+            self.add_channel(value)
+        self.refresh_threshold(0)
+        c = self.candidate(torch.tensor([value]))[0]
+        if self.fired(0, c, value):
+            self.reset_channel(0, seed=value)
+            self.commit(0, value)
+            return True
+        self.commit(0, value)
+        return False
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Resize every buffer to the saved number of channels before loading."""
+        for name, buf in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and buf is not None and saved.shape != buf.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args)

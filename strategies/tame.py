@@ -1,0 +1,834 @@
+"""`TAME`: task-agnostic continual learning with multiple experts (Zhu et al., arXiv 2210.03869).
+
+One expert network per detected segment of a task-free stream (spec `tame.md`):
+
+- every batch, each expert's pre-update loss feeds its channel of a `ShiftDetector`;
+- when the active expert's EWMA loss crosses its threshold, TAME switches back to the first old
+  expert whose one-batch candidate EWMA stays under *its own* frozen threshold (a recurring
+  segment), or spawns a fresh expert when none does;
+- only the active expert trains (one SGD step per batch);
+- a `Selector`, trained on a bottom-k buffer labelled by expert id, routes test inputs;
+- global L1 pruning with retraining on per-expert buffers keeps the total small.
+
+The per-batch rule is `TAME.observe`; read it first.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from adaptlab.buffers import BottomKBuffer
+from adaptlab.detect import ShiftDetector
+from adaptlab.learner import StreamLearner
+from adaptlab.models import build_model
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, output: str,
+                        reduction: str = "mean") -> torch.Tensor:
+    """CE of the logits, or of their sigmoid (TAME's bounded loss, `output="sigmoid"`)."""
+    z = torch.sigmoid(logits) if output == "sigmoid" else logits
+    return F.cross_entropy(z.float(), y, reduction=reduction)
+
+
+def prunable_weights(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Conv/Linear weights (no biases, no norm parameters), with their dotted names."""
+    out = []
+    for name, mod in module.named_modules():
+        if isinstance(mod, PRUNABLE):
+            out.append((f"{name}.weight" if name else "weight", mod.weight))
+    return out
+
+
+def global_l1_masks(weights: Sequence[torch.Tensor], amount: float) -> list[torch.Tensor]:
+    """Masks zeroing exactly round(amount * N) smallest-|w| entries over all `weights`
+    (as `prune.global_unstructured(L1Unstructured)`), as plain bool tensors."""
+    if not 0 <= amount < 1:
+        raise ValueError(f"pruning amount: must be in [0, 1), got {amount!r}")
+    flat = torch.cat([w.detach().abs().flatten() for w in weights])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    n = round(amount * flat.numel())
+    if n:
+        keep[torch.topk(flat, n, largest=False).indices] = False
+    return list(keep.split([w.numel() for w in weights]))
+
+
+def _seeded(*parts: int) -> int:
+    """A 63-bit seed from integers (expert index, evaluation index, purpose)."""
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + int(p)) % (2**63 - 1)
+    return s
+
+
+def _fit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
+    momentum: float, weight_decay: float, batch_size: int, output: str, gen: torch.Generator,
+    milestones: Sequence[int] = (), gamma: float = 0.1,
+    masks: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
+) -> float:
+    """Plain supervised training (selector fits, expert retraining); masked weights stay
+    zero. Returns the training accuracy afterwards."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma) if milestones \
+        else None
+    n = len(y)
+    was = model.training
+    model.train()
+    with torch.enable_grad():
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen).to(x.device)
+            for s in range(0, n, batch_size):
+                idx = perm[s : s + batch_size]
+                loss = classification_loss(model(x[idx]), y[idx], output)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                with torch.no_grad():
+                    for p, m in masks:
+                        p.grad.mul_(m)
+                opt.step()
+                with torch.no_grad():
+                    for p, m in masks:
+                        p.mul_(m)
+            if sched is not None:
+                sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean()) if n else math.nan
+    model.train(was)
+    return acc
+
+
+class _StepLR:
+    """Per-step LR factor: MultiStep over expert-epochs, optional linear warm-up."""
+
+    def __init__(self, steps_per_epoch: int, milestones: Sequence[int], gamma: float,
+                 warmup_epochs: int) -> None:
+        self.spe, self.milestones, self.gamma = steps_per_epoch, list(milestones), gamma
+        self.warmup = warmup_epochs * steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        epoch = step // self.spe
+        f = self.gamma ** sum(epoch >= m for m in self.milestones)
+        return f * min(1.0, (step + 1) / self.warmup) if self.warmup else f
+
+
+# --------------------------------------------------------------------------- ExpertPool
+
+
+class ExpertPool(nn.Module):
+    """Experts of one architecture, their pruning masks, and one batched forward over all.
+
+    `losses(x, y)` evaluates every expert in one call: `torch.func.stack_module_state` +
+    `functional_call` under `vmap` over a stacked-parameter cache (`batched=True`), or a
+    Python loop (faster for tiny models on a CPU). The cache is refreshed slice by slice
+    after each training step and rebuilt on spawn, prune and load.
+    """
+
+    def __init__(self, output: str = "sigmoid", batched: bool = False) -> None:
+        super().__init__()
+        self.output, self.batched = output, batched
+        self.experts = nn.ModuleList()
+        self.masks = nn.ModuleList()  # per expert: a module whose buffers are the masks
+        self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
+        self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self._base: nn.Module | None = None
+        self._mode_sensitive = False
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def add(self, expert: nn.Module) -> int:
+        """Append a freshly initialised expert (all-ones masks); returns its id."""
+        holder = nn.Module()
+        for name, w in prunable_weights(expert):
+            holder.register_buffer(name.replace(".", "__"), torch.ones_like(w, dtype=torch.bool))
+        self.experts.append(expert)
+        self.masks.append(holder)
+        self.pruned = torch.cat([self.pruned, torch.zeros(1, dtype=torch.bool,
+                                                          device=self.pruned.device)])
+        self._mode_sensitive = any(isinstance(m, MODE_SENSITIVE) for m in expert.modules())
+        self.invalidate()
+        return len(self.experts) - 1
+
+    def masked_params(self, k: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        weights = dict(prunable_weights(self.experts[k]))
+        return [(weights[n.replace("__", ".")], m) for n, m in self.masks[k].named_buffers()]
+
+    def invalidate(self) -> None:
+        self._stack = None
+
+    # -- forward ------------------------------------------------------------------------------
+    def _eval_mode(self, on: bool) -> None:
+        if self._mode_sensitive:
+            for e in self.experts:
+                e.train(not on)
+
+    @torch.no_grad()
+    def logits_all(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B, C] eval-mode logits of every expert."""
+        if self.batched and len(self.experts) > 1:
+            if self._stack is None:
+                params, buffers = stack_module_state(list(self.experts))
+                self._stack = ({k: v.detach() for k, v in params.items()},
+                               {k: v.detach() for k, v in buffers.items()})
+                # Not a submodule (no state, no `.to()`): a stateless template for vmap.
+                object.__setattr__(self, "_base", copy.deepcopy(self.experts[0]).to("meta").eval())
+            base = self._base
+
+            def one(p: dict, b: dict, xx: torch.Tensor) -> torch.Tensor:
+                return functional_call(base, (p, b), (xx,))
+
+            return torch.vmap(one, in_dims=(0, 0, None))(*self._stack, x)
+        self._eval_mode(True)
+        try:
+            return torch.stack([e(x) for e in self.experts])
+        finally:
+            self._eval_mode(False)
+
+    @torch.no_grad()
+    def logits_one(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        e = self.experts[k]
+        was = e.training
+        e.eval()
+        try:
+            return e(x)
+        finally:
+            e.train(was)
+
+    def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss per expert from [K, B, C] logits, float32."""
+        k, b, c = logits.shape
+        per = classification_loss(logits.reshape(k * b, c), y.repeat(k), self.output, "none")
+        return per.view(k, b).mean(1)
+
+    @torch.no_grad()
+    def sync_cache(self, k: int) -> None:
+        """Copy expert k's parameters and buffers into its slice of the stacked cache."""
+        if self._stack is None:
+            return
+        params, buffers = self._stack
+        e = self.experts[k]
+        for name, p in e.named_parameters():
+            params[name][k].copy_(p)
+        for name, b in e.named_buffers():
+            buffers[name][k].copy_(b)
+
+    # -- pruning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, k: int, amount: float) -> None:
+        """One-shot global L1 pruning of expert k at rate `amount`."""
+        pairs = self.masked_params(k)
+        new = global_l1_masks([p for p, _ in pairs], amount)
+        for (p, m), keep in zip(pairs, new, strict=True):
+            m.copy_(keep.view_as(m))
+            p.mul_(m)
+        self.pruned[k] = True
+        self.invalidate()
+
+    @torch.no_grad()
+    def apply_masks(self, k: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Re-zero expert k's pruned weights (and their momentum) after a step: the same
+        result as masking the gradients, whichever backward path produced them."""
+        if not bool(self.pruned[k]):
+            return
+        for p, m in self.masked_params(k):
+            p.mul_(m)
+            state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            if state.get("momentum_buffer") is not None:
+                state["momentum_buffer"].mul_(m)
+
+
+# --------------------------------------------------------------------------- Selector
+
+
+class Selector(nn.Module):
+    """Routes an input to an expert: a K-way classifier trained on the selector buffer S,
+    labelled by expert id. It draws from its own generator, seeded by (seed, evaluation
+    index), and touches no expert, detector, buffer or training-RNG state."""
+
+    def __init__(self, input_shape: Sequence[int], backbone: str, backbone_args: dict[str, Any],
+                 output: str, seed: int) -> None:
+        super().__init__()
+        self.input_shape, self.backbone, self.backbone_args = tuple(input_shape), backbone, \
+            dict(backbone_args)
+        self.output, self.seed = output, seed
+        self.net: nn.Module | None = None
+        self.n_out = 0
+
+    def build(self, n_out: int, index: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seeded(self.seed, 7, index))
+            return build_model(self.backbone, self.input_shape, n_out, **self.backbone_args)
+
+    def ensure(self, n_out: int, device: torch.device | str = "cpu") -> None:
+        """A network with `n_out` outputs exists (for loading a checkpoint)."""
+        if n_out >= 2 and self.n_out != n_out:
+            self.net = self.build(n_out, 0).to(device)
+            self.n_out = n_out
+
+    def refit(self, x: torch.Tensor, labels: torch.Tensor, n_out: int, index: int, *,
+              warm: bool, epochs: int, **fit: Any) -> float:
+        """Train on S; `warm` keeps the old weights and adds head rows for new experts."""
+        if n_out < 2:  # one expert: routing is constant
+            self.net, self.n_out = None, n_out
+            return 1.0
+        net = self.build(n_out, index).to(x.device)
+        if warm and self.net is not None:
+            old = self.net.state_dict()
+            new = net.state_dict()
+            for name, t in old.items():
+                if new[name].shape == t.shape:
+                    new[name].copy_(t)
+                else:  # the head: keep the old rows, new rows stay freshly initialised
+                    new[name][: t.shape[0]].copy_(t)
+        self.net, self.n_out = net, n_out
+        gen = torch.Generator().manual_seed(_seeded(self.seed, 11, index))
+        return _fit(net, x, labels, epochs=epochs, gen=gen, output=self.output, **fit)
+
+    @torch.no_grad()
+    def prune(self, amount: float) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        if self.net is None:
+            return []
+        weights = [p for _, p in prunable_weights(self.net)]
+        masks = global_l1_masks(weights, amount)
+        pairs = []
+        for p, keep in zip(weights, masks, strict=True):
+            m = keep.view_as(p).to(p.dtype)
+            p.mul_(m)
+            pairs.append((p, m))
+        return pairs
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).argmax(-1)
+
+
+# --------------------------------------------------------------------------- decision core
+
+
+@dataclass
+class Decision:
+    """What `DecisionCore.step` decided for one batch."""
+
+    active: int  # the expert that trains on this batch
+    kind: str  # "stay", "switch" (to an old expert) or "spawn" (a new one)
+    losses: torch.Tensor  # [K] pre-update losses (a spawned expert's included)
+    loss: float  # what the trigger saw, for the previously active expert:
+    ewma: float  # its loss, its (candidate) EWMA and its threshold
+    tau: float
+
+
+class LossPool(Protocol):
+    """What the decision needs from the experts (networks in TAME, scripts in tests)."""
+
+    def losses(self, only: int | None) -> torch.Tensor:
+        """[K] pre-update losses on this batch (only expert `only` if given, NaN elsewhere)."""
+
+    def spawn(self) -> torch.Tensor:
+        """Create a new expert and return its loss on this batch."""
+
+
+class DecisionCore:
+    """TAME's shift rule (spec §3), free of networks:
+
+        refresh tau of the active expert a; if its EWMA candidate crosses tau (past grace):
+            switch to the first old expert k whose candidate stays under its own frozen tau_k,
+            or, when none does, spawn a new expert (its channel seeded with ln C);
+        commit this batch's loss to the channel of the expert that trains on it.
+    """
+
+    def __init__(self, detector: ShiftDetector, seed_loss: float,
+                 recognition: str = "first_fit", eval_experts: str = "all") -> None:
+        self.detector, self.seed_loss = detector, seed_loss
+        self.recognition, self.eval_experts = recognition, eval_experts
+
+    def add_expert(self) -> int:
+        return self.detector.add_channel(self.seed_loss)
+
+    def step(self, a: int, pool: LossPool) -> Decision:
+        det = self.detector
+        every = self.eval_experts == "all" or det.chain == "all"
+        L = pool.losses(None if every else a)
+        det.refresh_threshold(a)
+        # The one host sync per batch: the decision needs these three numbers.
+        s_a, tau_a, loss_a = torch.stack([det.trigger_value(a, L), det.tau[a], L[a]]).tolist()
+        kind, new = "stay", a
+        if det.fired(a, s_a, loss_a):
+            if not every:
+                L = pool.losses(None)
+            old = self.recognise(a, det.candidate(L), L)
+            if old is not None:
+                kind, new = "switch", old
+            else:
+                L = torch.cat([L, pool.spawn().reshape(1).to(L)])
+                kind, new = "spawn", self.add_expert()
+        det.advance_all(L)
+        det.commit(new, L[new])
+        return Decision(new, kind, L, loss_a, s_a, tau_a)
+
+    def recognise(self, a: int, c: torch.Tensor, L: torch.Tensor) -> int | None:
+        """An old expert (not `a`) whose candidate EWMA passes its own frozen threshold:
+        the first in creation order, or the one furthest under (`min_margin`)."""
+        det = self.detector
+        if det.test == "threshold":
+            ok = c < det.tau
+        else:
+            ok = torch.tensor([not det.exceeds(k, float(c[k]), float(L[k]))
+                               for k in range(len(c))], device=c.device)
+        ok[a] = False
+        if not bool(ok.any()):
+            return None
+        if self.recognition == "first_fit":
+            return int(torch.nonzero(ok)[0])
+        margin = torch.where(ok, c - det.tau, torch.full_like(c, math.inf))
+        return int(torch.argmin(margin))
+
+
+class _Batch:
+    """`LossPool` over TAME's experts for one batch; keeps the [K, B, C] logits."""
+
+    def __init__(self, learner: TAME, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.learner, self.x, self.y = learner, x, y
+        self.logits = torch.empty(0)
+
+    def losses(self, only: int | None) -> torch.Tensor:
+        self.logits = self.learner._logits(self.x, only)
+        return self.learner._losses(self.logits, self.y)
+
+    def spawn(self) -> torch.Tensor:
+        k = self.learner._spawn()
+        new = self.learner.pool.logits_one(k, self.x).unsqueeze(0)
+        self.logits = torch.cat([self.logits, new])
+        return self.learner._losses(new, self.y)[0]
+
+
+# --------------------------------------------------------------------------- TAME
+
+
+class TAME(StreamLearner):
+    """Task-agnostic continual learning with multiple experts (see the module docstring).
+
+    Args (defaults: spec `tame.md` §9; [C] = reference code, [P] = paper):
+        lr, momentum, weight_decay, nesterov: each expert's SGD.
+        steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs: per-expert MultiStep LR over
+            expert-epochs of `steps_per_epoch` steps ([C]); `None` keeps the LR constant.
+        expert_output: `sigmoid` (CE of sigmoid outputs, [P,C]) or `logits`.
+        window, alpha, n_sigma, sigma_floor, grace_steps, test, welch_recent, welch_p:
+            the `ShiftDetector`.
+        ewma_chain: `own` (trigger on the expert's own EWMA) or `all` ([C]'s every-batch chain).
+        recognition: `first_fit` ([C]) or `min_margin` (the old expert furthest under tau).
+        eval_experts: `all`, or `on_trigger` (only the active expert until it fires; `own`).
+        batched_forward: `auto` (vmap on CUDA, loop on CPU), `vmap` or `loop`.
+        selector_capacity, selector_balance (`expert`|`label`|`none`), buffer_keys
+            (`content`|`random`), retrain_capacity: the buffers S and R_k.
+        selector_*: the selector network and its training; `selector_schedule`
+            `before_eval` (train at every evaluation point) or `end` (min-entropy routing
+            until the final evaluation); `selector_refresh` `scratch` or `warm`.
+        prune_when (`end`|`on_spawn`|`off`), prune_experts, prune_selector, retrain_*:
+            global L1 pruning and retraining on R_k (experts) / S (selector).
+        log_every: observe steps between TensorBoard scalars (events are always logged).
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        steps_per_epoch: int | None = None,
+        lr_milestones: Sequence[int] = (60, 120, 160, 230),
+        lr_gamma: float = 0.2,
+        warmup_epochs: int = 0,
+        expert_output: str = "sigmoid",
+        window: int = 100,
+        alpha: float = 0.2,
+        n_sigma: float = 3.0,
+        sigma_floor: float = 0.005,
+        grace_steps: int = 20,
+        test: str = "threshold",
+        welch_recent: int = 10,
+        welch_p: float = 0.01,
+        ewma_chain: str = "own",
+        recognition: str = "first_fit",
+        eval_experts: str = "all",
+        batched_forward: str = "auto",
+        selector_capacity: int = 500,
+        selector_balance: str = "expert",
+        buffer_keys: str = "content",
+        retrain_capacity: int = 200,
+        selector_backbone: str = "mlp",
+        selector_backbone_args: dict[str, Any] | None = None,
+        selector_output: str = "logits",
+        selector_epochs: int = 100,
+        selector_lr: float = 0.1,
+        selector_momentum: float = 0.9,
+        selector_weight_decay: float = 5e-4,
+        selector_batch_size: int = 128,
+        selector_schedule: str = "before_eval",
+        selector_refresh: str = "scratch",
+        selector_refresh_epochs: int = 20,
+        prune_when: str = "end",
+        prune_experts: float = 0.98,
+        prune_selector: float = 0.5,
+        retrain_epochs: int = 200,
+        retrain_lr: float = 0.1,
+        retrain_weight_decay: float = 1e-4,
+        retrain_milestones: Sequence[int] = (100, 150),
+        retrain_gamma: float = 0.1,
+        retrain_batch_size: int = 128,
+        selector_retrain_lr: float = 1e-3,
+        log_every: int = 50,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        choices = {
+            "expert_output": (expert_output, ("sigmoid", "logits")),
+            "ewma_chain": (ewma_chain, ("own", "all")),
+            "recognition": (recognition, ("first_fit", "min_margin")),
+            "eval_experts": (eval_experts, ("all", "on_trigger")),
+            "batched_forward": (batched_forward, ("auto", "vmap", "loop")),
+            "selector_balance": (selector_balance, ("expert", "label", "none")),
+            "selector_output": (selector_output, ("logits", "sigmoid")),
+            "selector_schedule": (selector_schedule, ("before_eval", "end")),
+            "selector_refresh": (selector_refresh, ("scratch", "warm")),
+            "prune_when": (prune_when, ("end", "on_spawn", "off")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{name}: {value!r} is not one of {allowed}")
+        if eval_experts == "on_trigger" and ewma_chain != "own":
+            raise ValueError("eval_experts: 'on_trigger' needs ewma_chain 'own' (the 'all' chain "
+                             "advances every expert on every batch)")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: must be >= 1 or null, got {steps_per_epoch!r}")
+        self.opt_args = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                         "nesterov": nesterov}
+        self.lr_schedule = None if steps_per_epoch is None else _StepLR(
+            steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs)
+        self.expert_output = expert_output
+        self.batched_forward = batched_forward
+        self.selector_balance = selector_balance
+        self.buffer_keys, self.retrain_capacity = buffer_keys, retrain_capacity
+        self.selector_fit_args = {
+            "lr": selector_lr, "momentum": selector_momentum,
+            "weight_decay": selector_weight_decay, "batch_size": selector_batch_size,
+        }
+        self.selector_epochs = selector_epochs
+        self.selector_schedule, self.selector_refresh = selector_schedule, selector_refresh
+        self.selector_refresh_epochs = selector_refresh_epochs
+        self.prune_when, self.prune_experts, self.prune_selector = (
+            prune_when, prune_experts, prune_selector)
+        self.retrain_args = {
+            "epochs": retrain_epochs, "lr": retrain_lr, "momentum": 0.9,
+            "weight_decay": retrain_weight_decay, "batch_size": retrain_batch_size,
+            "gamma": retrain_gamma, "milestones": list(retrain_milestones),
+        }
+        self.selector_retrain_lr = selector_retrain_lr
+        self.log_every = log_every
+        self.ln_c = math.log(self.n_classes)  # CE of a uniform output: the window seed
+
+        self.pool = ExpertPool(output=expert_output)
+        self.detector = ShiftDetector(
+            window=window, alpha=alpha, n_sigma=n_sigma, sigma_floor=sigma_floor,
+            grace=grace_steps, test=test, welch_recent=welch_recent, welch_p=welch_p,
+            chain=ewma_chain,
+        )
+        self.core = DecisionCore(self.detector, self.ln_c, recognition, eval_experts)
+        self.selector_buffer = BottomKBuffer(
+            selector_capacity, self.input_shape, keys=buffer_keys,
+            balance="none" if selector_balance == "none" else "group", seed=self.seed,
+        )
+        self.retrain_buffers = nn.ModuleList()
+        self.selector = Selector(
+            self.input_shape, selector_backbone, selector_backbone_args or {"hidden": [128]},
+            selector_output, self.seed,
+        )
+        self.optimizers_: list[torch.optim.Optimizer] = []
+        self.schedulers_: list[torch.optim.lr_scheduler.LambdaLR | None] = []
+        self.active = 0
+        self.samples_seen = 0
+        self.eval_index = 0
+        self.finalised = False
+        self.events: list[dict[str, int | str]] = []
+        self.active_history: list[int] = []
+        self.history: dict[str, list[float]] = {"loss": [], "ewma": [], "tau": []}
+        self._spawn()
+        self.core.add_expert()
+
+    # -- experts ------------------------------------------------------------------------------
+    def _spawn(self) -> int:
+        """A fresh expert from default init seeded by (seed, index), its optimizer, LR schedule
+        and retraining buffer (its detector channel comes from `DecisionCore.add_expert`)."""
+        k = len(self.pool)
+        expert = self.build_backbone(k).to(self.device)
+        self.pool.add(expert)
+        opt = torch.optim.SGD(expert.parameters(), **self.opt_args)
+        self.optimizers_.append(opt)
+        self.schedulers_.append(
+            None if self.lr_schedule is None
+            else torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule))
+        if self.retrain_capacity > 0:
+            self.retrain_buffers.append(BottomKBuffer(
+                self.retrain_capacity, self.input_shape, keys=self.buffer_keys,
+                seed=self.seed).to(self.device))
+        if self.selector_balance == "expert":
+            self.selector_buffer.set_groups(k + 1)
+        return k
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.pool)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ValueError(
+                f"trainer.precision: TAME supports 32 or bf16-mixed, not {precision!r} (its "
+                "loss statistics need float32 and per-expert optimizers take no grad scaler)")
+        if self.batched_forward == "auto":
+            self.pool.batched = self.device.type == "cuda"
+        else:
+            self.pool.batched = self.batched_forward == "vmap"
+
+    def configure_optimizers(self) -> list:
+        """None for Lightning: each expert owns its optimizer, created at spawn."""
+        return []
+
+    # -- the per-batch algorithm (spec §3) ----------------------------------------------------
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses of the experts, the shift decision (`DecisionCore.step`), one SGD step of the
+        chosen expert, buffers. Returns that expert's pre-update logits and loss."""
+        pos, self.samples_seen = self.samples_seen, self.samples_seen + len(x)
+        batch = _Batch(self, x, y)
+        d = self.core.step(self.active, batch)
+        if d.kind != "stay":
+            self._event(pos, d.kind, self.active, d.active)
+        if d.kind == "spawn" and self.prune_when == "on_spawn":
+            self._prune_and_retrain(self.active)
+        self._train_step(d.active, x, y)
+        self._remember(x, y, d.active)
+        self.active = d.active
+        self._record(d)
+        return batch.logits[d.active].detach(), d.losses[d.active].detach()
+
+    def _logits(self, x: torch.Tensor, only: int | None) -> torch.Tensor:
+        """[K, B, C] pre-update logits; with `only`, the other rows are NaN."""
+        if only is None:
+            return self.pool.logits_all(x)
+        a = only
+        one = self.pool.logits_one(a, x)
+        out = torch.full((self.n_experts, *one.shape), math.nan, device=one.device,
+                         dtype=one.dtype)
+        out[a] = one
+        return out
+
+    def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        L = self.pool.losses(logits, y)
+        return self._all_reduce_mean(L)
+
+    def _all_reduce_mean(self, L: torch.Tensor) -> torch.Tensor:
+        """Under DDP, every rank decides on the same global-batch losses."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            L = L.clone()
+            torch.distributed.all_reduce(L)
+            L /= torch.distributed.get_world_size()
+        return L
+
+    def _train_step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One SGD step of expert k only (through `StreamLearner.update`, so update hooks and
+        Lightning's backward run as for any learner); pruned weights stay zero."""
+        opt = self.optimizers_[k]
+        loss = classification_loss(self.pool.experts[k](x), y, self.expert_output)
+        self.update(opt, loss)
+        self.pool.apply_masks(k, opt)
+        if self.schedulers_[k] is not None:
+            self.schedulers_[k].step()
+        self.pool.sync_cache(k)
+
+    def _remember(self, x: torch.Tensor, y: torch.Tensor, k: int) -> None:
+        """S gets the batch labelled by expert k (first label kept); R_k gets (x, y)."""
+        group = y if self.selector_balance == "label" else k
+        keys = self.selector_buffer.item_keys(x)
+        self.selector_buffer.add(x, y, label=k, group=group, keys=keys)
+        if self.retrain_capacity > 0:  # same seed: content keys are shared, random ones not
+            self.retrain_buffers[k].add(x, y, keys=keys if self.buffer_keys == "content" else None)
+
+    def _event(self, pos: int, kind: str, old: int, new: int) -> None:
+        self.events.append({"pos": pos, "step": self.observe_steps, "kind": kind,
+                            "from": old, "to": new})
+        self._log({"tame/spawn": float(kind == "spawn"), "tame/switch": float(kind == "switch"),
+                   "tame/n_experts": float(self.n_experts)})
+
+    def _record(self, d: Decision) -> None:
+        """The active id, and the loss / EWMA / tau the decision saw (already on the host)."""
+        self.active_history.append(d.active)
+        self.history["loss"].append(d.loss)
+        self.history["ewma"].append(d.ewma)
+        self.history["tau"].append(d.tau)
+        if self.log_every and self.observe_steps % self.log_every == 0:
+            self._log({"tame/active_expert": float(d.active), "tame/loss_active": d.loss,
+                       "tame/ewma_active": d.ewma, "tame/tau_active": d.tau,
+                       "tame/n_experts": float(self.n_experts)})
+
+    def _log(self, values: dict[str, float]) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(values, step=self.observe_steps)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def before_evaluation(self, final: bool) -> None:
+        """Train the selector for this evaluation point; at the final one, first prune the
+        experts and retrain them on R_k, then refit, prune and retrain the selector."""
+        index = self.eval_index
+        self.eval_index += 1
+        if final and not self.finalised:
+            self.finalised = True
+            self._log_curves()
+            if self.prune_when != "off":
+                for k in range(self.n_experts):
+                    if not bool(self.pool.pruned[k]):
+                        self._prune_and_retrain(k)
+            self._fit_selector(index, warm=False)
+            if self.prune_when != "off" and self.selector.net is not None:
+                masks = self.selector.prune(self.prune_selector)
+                x, _, labels = self.selector_buffer.items()
+                gen = torch.Generator().manual_seed(_seeded(self.seed, 13, index))
+                fit = dict(self.selector_fit_args, lr=self.selector_retrain_lr)
+                _fit(self.selector.net, x, labels, epochs=self.retrain_args["epochs"],
+                     output=self.selector.output, gen=gen, masks=masks, **fit)
+            return
+        if self.selector_schedule == "before_eval":
+            warm = self.selector_refresh == "warm" and self.selector.net is not None
+            self._fit_selector(index, warm=warm)
+
+    def _log_curves(self) -> None:
+        """TensorBoard figure: the active expert's loss, EWMA and tau per step, with events."""
+        trainer = self._trainer
+        writer = getattr(trainer.logger, "experiment", None) if trainer is not None and \
+            trainer.logger is not None and trainer.is_global_zero else None
+        if not hasattr(writer, "add_figure") or not self.history["loss"]:
+            return
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10, 3), layout="constrained")
+        ax = fig.subplots()
+        ax.plot(self.history["loss"], lw=0.5, alpha=0.4, label="loss (active expert)")
+        ax.plot(self.history["ewma"], lw=1, label="EWMA")
+        ax.plot(self.history["tau"], lw=1, label="threshold tau")
+        for e in self.events:
+            ax.axvline(int(e["step"]), ls=":", color="k" if e["kind"] == "spawn" else "tab:red")
+        ax.set(xlabel="observe step", ylabel="loss", title="TAME shift detection "
+               "(dotted: spawn black, switch red)")
+        ax.legend(loc="upper right", fontsize="small")
+        writer.add_figure("Figures/tame_loss_ewma_tau", fig, global_step=self.observe_steps)
+
+    def _fit_selector(self, index: int, warm: bool) -> None:
+        x, _, labels = self.selector_buffer.items()
+        epochs = self.selector_refresh_epochs if warm else self.selector_epochs
+        acc = self.selector.refit(x, labels, self.n_experts, index, warm=warm, epochs=epochs,
+                                  **self.selector_fit_args)
+        self._log({"tame/selector_train_acc": acc})
+
+    def _prune_and_retrain(self, k: int) -> None:
+        """Global L1 prune of expert k, then retraining on R_k with the masks held."""
+        self.pool.prune(k, self.prune_experts)
+        if self.retrain_capacity > 0 and len(self.retrain_buffers[k]):
+            x, y, _ = self.retrain_buffers[k].items()
+            gen = torch.Generator().manual_seed(_seeded(self.seed, 17, k))
+            _fit(self.pool.experts[k], x, y, output=self.expert_output, gen=gen,
+                 masks=self.pool.masked_params(k), **self.retrain_args)
+        self.pool.invalidate()
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """k^ per input: the selector, or min-entropy routing while none is trained."""
+        if self.n_experts == 1:
+            return torch.zeros(len(x), dtype=torch.long, device=x.device)
+        if self.selector.net is not None and self.selector.n_out == self.n_experts:
+            return self.selector.route(x)
+        logits = self.pool.logits_all(x)
+        z = torch.sigmoid(logits) if self.expert_output == "sigmoid" else logits
+        p = torch.softmax(z.float(), -1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # [K, B]
+        return entropy.argmin(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Selector, then the routed expert: k^ = argmax S(x), y^ = argmax E_k^(x)."""
+        k_hat = self.route(x)
+        logits = self.pool.logits_all(x)  # [K, B, C]
+        return logits[k_hat, torch.arange(len(x), device=x.device)]
+
+    def shift_events(self) -> list[int]:
+        return [int(e["pos"]) for e in self.events]
+
+    def expert_ids(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        if x is not None:
+            return self.route(x)
+        return torch.tensor(self.active_history, dtype=torch.long)
+
+    def model_size_modules(self) -> list[nn.Module]:
+        return [self.pool.experts] + ([self.selector.net] if self.selector.net is not None
+                                      else [])
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "n_experts": self.n_experts,
+            "selector_out": self.selector.n_out,
+            "active": self.active,
+            "samples_seen": self.samples_seen,
+            "eval_index": self.eval_index,
+            "finalised": self.finalised,
+            "events": [dict(e) for e in self.events],
+            "active_history": torch.tensor(self.active_history, dtype=torch.long),
+            "history": {k: torch.tensor(v, dtype=torch.float32) for k, v in self.history.items()},
+            "optimizers": [o.state_dict() for o in self.optimizers_],
+            "schedulers": [None if s is None else s.state_dict() for s in self.schedulers_],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs before the state_dict loads: grow to the saved K and rebuild optimizers."""
+        state = checkpoint.get("adaptlab_learner") or {}
+        for _ in range(self.n_experts, int(state.get("n_experts", self.n_experts))):
+            self._spawn()
+            self.core.add_expert()
+        self.selector.ensure(int(state.get("selector_out", 0)), self.device)
+        self.pool.invalidate()
+        super().on_load_checkpoint(checkpoint)
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.active = int(state["active"])
+        self.samples_seen = int(state["samples_seen"])
+        self.eval_index = int(state["eval_index"])
+        self.finalised = bool(state["finalised"])
+        self.events = [dict(e) for e in state["events"]]
+        self.active_history = [int(v) for v in state["active_history"].tolist()]
+        self.history = {k: [float(v) for v in t.tolist()] for k, t in state["history"].items()}
+        for opt, s in zip(self.optimizers_, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers_, state["schedulers"], strict=True):
+            if sched is not None and s is not None:
+                sched.load_state_dict(s)
+
+
+__all__ = ["TAME", "ExpertPool", "Selector", "global_l1_masks"]

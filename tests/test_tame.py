@@ -1,0 +1,357 @@
+"""TAME (spec tame.md §11): the decision core on scripted losses, the bottom-k buffers,
+pruning, batched vs looped experts, and Lightning runs on digits streams."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from scipy import stats
+from torch import nn
+
+from adaptlab.buffers import BottomKBuffer
+from adaptlab.data import StreamDataModule
+from adaptlab.detect import ShiftDetector
+from adaptlab.evaluation import StreamEvaluator
+from adaptlab.models import build_model
+from adaptlab.strategies import TAME
+from adaptlab.strategies.tame import DecisionCore, ExpertPool, global_l1_masks
+from adaptlab.streams import split
+from tests.helpers import learner_kwargs
+
+LN2 = math.log(2)
+
+
+# --------------------------------------------------------------------------- scripted losses
+
+
+class ScriptedPool:
+    """A `LossPool` without networks. An expert learns the first segment it trains on: there
+    its loss decays from ln 2 towards 0.35 as it trains; on any other segment it is ~0.9.
+    Noise N(0, 0.02^2) is drawn once per batch, so a second evaluation sees the same losses."""
+
+    def __init__(self, seed: int = 0, pretrained: bool = False) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.learned: list[int | None] = [None]
+        self.trained = [10**6 if pretrained else 0]
+        self.segment = 0
+        self.noise = np.zeros(64)
+
+    def next_batch(self, segment: int) -> None:
+        self.segment = segment
+        self.noise = self.rng.normal(0, 0.02, 64)
+
+    def _loss(self, k: int) -> float:
+        if self.learned[k] in (None, self.segment):
+            base = 0.35 + (LN2 - 0.35) * math.exp(-self.trained[k] / 30)
+        else:
+            base = 0.9
+        return base + self.noise[k]
+
+    def losses(self, only: int | None) -> torch.Tensor:
+        ks = range(len(self.learned)) if only is None else [only]
+        out = torch.full((len(self.learned),), math.nan)
+        for k in ks:
+            out[k] = self._loss(k)
+        return out
+
+    def spawn(self) -> torch.Tensor:
+        self.learned.append(None)
+        self.trained.append(0)
+        return torch.tensor(self._loss(len(self.learned) - 1))
+
+    def train(self, k: int) -> None:
+        if self.learned[k] is None:
+            self.learned[k] = self.segment
+        if self.learned[k] == self.segment:
+            self.trained[k] += 1
+
+
+def drive(schedule: list[tuple[int, int]], pretrained: bool = False, **core_kw) -> tuple:
+    """Run the decision core over (segment, n_batches) blocks; returns events and K."""
+    det = ShiftDetector(window=100, grace=20, chain=core_kw.pop("chain", "own"))
+    core = DecisionCore(det, LN2, **core_kw)
+    core.add_expert()
+    pool = ScriptedPool(pretrained=pretrained)
+    a, t, events = 0, 0, []
+    for segment, n in schedule:
+        for _ in range(n):
+            pool.next_batch(segment)
+            d = core.step(a, pool)
+            if d.kind != "stay":
+                events.append((t, d.kind, a, d.active))
+            pool.train(d.active)
+            a, t = d.active, t + 1
+    return events, det.n_channels
+
+
+def test_step_change_spawns_exactly_once() -> None:
+    events, k = drive([(0, 2000), (1, 1000)], pretrained=True)
+    assert k == 2
+    assert len(events) == 1
+    t, kind, old, new = events[0]
+    assert kind == "spawn" and (old, new) == (0, 1) and 2000 <= t <= 2002
+
+
+@pytest.mark.parametrize("eval_experts", ["all", "on_trigger"])
+def test_recurrence_returns_to_the_old_expert(eval_experts: str) -> None:
+    events, k = drive([(0, 600), (1, 600), (0, 600)], eval_experts=eval_experts)
+    assert k == 2
+    assert [(kind, old, new) for _, kind, old, new in events] == [
+        ("spawn", 0, 1), ("switch", 1, 0)]
+    assert 600 <= events[0][0] <= 602 and 1200 <= events[1][0] <= 1202
+
+
+def test_min_margin_recognition_also_recognises() -> None:
+    events, k = drive([(0, 400), (1, 400), (0, 400)], recognition="min_margin")
+    assert k == 2 and events[-1][1:] == ("switch", 1, 0)
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def _items(n: int, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    """n distinct items on the 1/1024 grid (the content hash's quantisation)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1024, (n, dim), generator=g).float() / 1024
+
+
+def test_bottom_k_is_uniform_over_arrival_positions_and_fifo_is_not() -> None:
+    x = _items(2000)
+    y = torch.zeros(2000, dtype=torch.long)
+    order = torch.cat([torch.arange(2000)] * 3)  # every item shown 3 times
+    kept = np.zeros(10, dtype=np.int64)
+    for seed in range(300):
+        buf = BottomKBuffer(200, (8,), seed=seed)
+        for s in range(0, len(order), 500):
+            idx = order[s : s + 500]
+            buf.add(x[idx], y[idx])
+        stored, _, _ = buf.items()
+        assert len(stored) == 200
+        assert len(torch.unique(stored, dim=0)) == 200  # no duplicates
+        pos = torch.nonzero(torch.isin(buf.item_keys(x), buf.key)).flatten()
+        assert len(pos) == 200
+        kept += np.bincount(pos.numpy() // 200, minlength=10)
+    assert stats.chisquare(kept).pvalue > 0.01
+    fifo = np.bincount(np.arange(1800, 2000) // 200, minlength=10) * 300
+    assert stats.chisquare(fifo + 1e-9).pvalue < 0.01
+
+
+def test_quotas_hold_as_groups_grow_and_first_label_is_kept() -> None:
+    buf = BottomKBuffer(100, (8,), balance="group")
+    x = _items(900, seed=1)
+    y = torch.zeros(900, dtype=torch.long)
+    buf.add(x[:300], y[:300], label=0)
+    keys0 = buf.item_keys(x[:300])
+    buf.add(x[300:600], y[300:600], label=1)
+    _, _, labels = buf.items()
+    assert (labels == 0).sum() == 50 and (labels == 1).sum() == 50
+    stored0 = buf.key[buf.label == 0].sort().values
+    assert torch.equal(stored0, keys0.sort().values[:50])  # trimmed by key
+    buf.add(x[600:], y[600:], label=2)
+    _, _, labels = buf.items()
+    assert all(int((labels == g).sum()) == 33 for g in range(3))
+    buf.add(x[:300], y[:300], label=2)  # repeats of group 0's items: not relabelled
+    assert int((buf.items()[2] == 2).sum()) == 33
+
+
+# --------------------------------------------------------------------------- pool
+
+
+def _mlp(seed: int, bn: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    if bn:
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                             nn.Linear(32, 10))
+    return build_model("mlp", (1, 8, 8), 10, hidden=[32])
+
+
+def test_pruning_is_exact_keeps_biases_and_survives_training() -> None:
+    pool = ExpertPool()
+    pool.add(_mlp(0))
+    expert = pool.experts[0]
+    biases = [m.bias.detach().clone() for m in expert.modules() if isinstance(m, nn.Linear)]
+    n = sum(p.numel() for p, _ in pool.masked_params(0))
+    pool.prune(0, 0.9)
+    zeros = sum(int((p == 0).sum()) for p, _ in pool.masked_params(0))
+    assert zeros == round(0.9 * n)
+    after = [m.bias for m in expert.modules() if isinstance(m, nn.Linear)]
+    assert all(torch.equal(a, b) for a, b in zip(after, biases, strict=True))
+
+    # Same count and set as torch's global L1 pruning.
+    ref = copy.deepcopy(_mlp(0))
+    params = [(m, "weight") for m in ref.modules() if isinstance(m, nn.Linear)]
+    torch.nn.utils.prune.global_unstructured(params, torch.nn.utils.prune.L1Unstructured,
+                                             amount=0.9)
+    for (p, mask), (m, _) in zip(pool.masked_params(0), params, strict=True):
+        assert torch.equal(mask, m.weight_mask.bool())
+        assert torch.equal(p != 0, m.weight_mask.bool())
+
+    # Online steps after reactivation (with momentum): masked weights stay exactly zero.
+    opt = torch.optim.SGD(expert.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(expert(x), y).backward()
+        opt.step()
+        pool.apply_masks(0, opt)
+    for p, m in pool.masked_params(0):
+        assert (p[~m] == 0).all() and (opt.state[p]["momentum_buffer"][~m] == 0).all()
+
+
+def test_global_l1_masks_count() -> None:
+    w = [torch.randn(7, 3), torch.randn(5)]
+    masks = global_l1_masks(w, 0.5)
+    assert sum(int((~m).sum()) for m in masks) == round(0.5 * 26)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "bn", "pruned"])
+def test_batched_and_looped_losses_agree(kind: str) -> None:
+    pools = [ExpertPool(batched=b) for b in (False, True)]
+    for seed in range(3):
+        expert = _mlp(seed, bn=kind == "bn")
+        if kind == "bn":  # give BatchNorm non-trivial running statistics
+            expert.train()
+            expert(torch.randn(64, 1, 8, 8) * 2 + 1)
+        for pool in pools:
+            pool.add(copy.deepcopy(expert))
+            if kind == "pruned":
+                pool.prune(seed, 0.8)
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+
+    def both() -> list[torch.Tensor]:
+        return [pool.losses(pool.logits_all(x), y) for pool in pools]
+
+    loop, vmap = both()
+    assert torch.allclose(loop, vmap, atol=1e-6)
+    for pool in pools:  # one online update of expert 1, then the cache slice is refreshed
+        e = pool.experts[1]
+        opt = torch.optim.SGD(e.parameters(), lr=0.5)
+        e.train()
+        nn.functional.cross_entropy(e(x), y).backward()
+        opt.step()
+        pool.apply_masks(1, opt)
+        pool.sync_cache(1)
+    loop2, vmap2 = both()
+    assert torch.allclose(loop2, vmap2, atol=1e-6)
+    assert not torch.allclose(loop, loop2)
+
+
+# --------------------------------------------------------------------------- Lightning runs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _fit_doc(tmp_path_factory.mktemp("split"))
+
+
+class SaveAndCrash(pl.Callback):
+    """Checkpoint mid-stream at observe step `at`, then die (a killed run)."""
+
+    def __init__(self, at: int, path: Path) -> None:
+        self.at, self.path = at, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.observe_steps >= self.at:
+            trainer.save_checkpoint(str(self.path))
+            raise RuntimeError("simulated crash")
+
+
+def _fit_doc(
+    tmp_path: Path, order: list[int] | None = None, crash_at: int | None = None,
+    ckpt_path: str | None = None, **tame_kw,
+) -> tuple[TAME, dict]:
+    """TAME on Split-Digits (spec §10a defaults, C_s 300, C_p 20) with the evaluator;
+    `crash_at` checkpoints to `tmp_path/stop.ckpt` and crashes; `ckpt_path` resumes."""
+    stream = split(source="digits", labels="local", batch_size=10, repeats=10, order=order,
+                   seed=0)
+    dm = StreamDataModule(stream, batches_per_step=10)
+    learner = TAME(**learner_kwargs(
+        stream, backbone="mlp", backbone_args={"hidden": [64]}, selector_capacity=300,
+        retrain_capacity=20, prune_experts=0.9, prune_selector=0.7, **tame_kw))
+    ev = StreamEvaluator(print_table=False, figures=False)
+    callbacks = [ev] if crash_at is None else [ev, SaveAndCrash(crash_at, tmp_path / "stop.ckpt")]
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        num_sanity_val_steps=0, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=callbacks)
+    trainer.fit(learner, datamodule=dm, ckpt_path=ckpt_path)
+    return learner, ev.document(trainer, learner, "completed")
+
+
+def test_split_digits_finds_five_experts(split_run) -> None:
+    learner, doc = split_run
+    final, det = doc["final"], doc["shift_detection"]["report"]
+    assert final["learner"]["n_experts"] == 5
+    assert det["false_alarms"] == 0 and det["missed_detections"] == 0
+    assert det["detection_delay"] <= 2 * 10
+    assert final["learner"]["acc_within_task"] >= 0.93
+    assert final["params_nonzero"] < final["params_total"]
+
+
+def test_intermediate_evaluations_leave_decisions_unchanged(split_run, tmp_path) -> None:
+    learner, _ = split_run
+    other, _ = _fit_doc(tmp_path, selector_schedule="end")
+    assert other.events == learner.events
+    assert other.active_history == learner.active_history
+    assert torch.equal(other.detector.window, learner.detector.window)
+
+
+RECURRING = [0, 1, 2, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def recurring_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _fit_doc(tmp_path_factory.mktemp("recurring"), order=RECURRING)
+
+
+def test_recurring_reuses_the_second_experts(recurring_run) -> None:
+    learner, doc = recurring_run
+    assert doc["final"]["learner"]["n_experts"] == 4
+    kinds = [(e["kind"], e["from"], e["to"]) for e in learner.events]
+    assert kinds == [("spawn", 0, 1), ("spawn", 1, 2), ("switch", 2, 1), ("spawn", 1, 3)]
+    shifts = doc["stream"]["true_shifts"]
+    ids = learner.expert_ids().numpy()
+    fourth = ids[shifts[2] // 10 + 2 : shifts[3] // 10]
+    assert (fourth == 1).all()  # the second t2 is served by expert 1 (0-based)
+
+
+@pytest.mark.parametrize("stop", [260, 880])  # right after the first spawn; mid-segment 4
+def test_resume_makes_the_same_decisions(recurring_run, tmp_path, stop: int) -> None:
+    whole, doc = recurring_run
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit_doc(tmp_path, order=RECURRING, crash_at=stop)
+    resumed, doc2 = _fit_doc(tmp_path, order=RECURRING, ckpt_path=str(tmp_path / "stop.ckpt"))
+    assert resumed.events == whole.events
+    assert resumed.active_history == whole.active_history
+    assert doc2 == doc  # the whole metrics.json document
+
+
+def test_bad_options_and_nan_losses_are_clear_errors() -> None:
+    from adaptlab.learner import NonFiniteLossError
+
+    kw = {"input_shape": (1, 8, 8), "n_classes": 2, "batch_size": 10}
+    with pytest.raises(ValueError, match="ewma_chain"):
+        TAME(**kw, ewma_chain="both")
+    with pytest.raises(ValueError, match="on_trigger"):
+        TAME(**kw, ewma_chain="all", eval_experts="on_trigger")
+    learner = TAME(**kw)
+    learner._fast_update = True  # step without a Trainer
+    x = torch.full((10, 1, 8, 8), math.nan)
+    with pytest.raises(NonFiniteLossError, match="observe step"):
+        learner.training_step((x, torch.zeros(10, dtype=torch.long)), 0)
