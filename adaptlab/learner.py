@@ -5,6 +5,8 @@ Contract (DESIGN.md, "Core contracts"):
   pre-update predictions, both detached; every backward through `manual_backward`.
 - `training_step` only splits a chunk into mini-batches, calls `observe` on each and returns
   the chunk's pre-update predictions (the evaluator scores online accuracy from them).
+- `batch_position` is the stream position of the first sample of the batch being observed
+  (a count of samples seen, nothing more): what `shift_events()` report;
 - `forward(x)` is the evaluation forward; `before_evaluation(final)` runs before each
   evaluation point; `shift_events()` and `expert_ids()` feed the evaluator's metrics.
 The learner never sees segment ids or boundaries: task-free means task-free.
@@ -81,6 +83,8 @@ class StreamLearner(pl.LightningModule):
         self.nonfinite = nonfinite
         self.skipped_updates = 0
         self.observe_steps = 0
+        self.samples_seen = 0
+        self.batch_position = 0
         self.update_steps = 0
         self._update_hooks: list[UpdateHook] = []
         self._fast_update = False
@@ -205,10 +209,13 @@ class StreamLearner(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         x, y = batch
         b = self._local_batch
-        pairs = [(x, y)] if len(x) <= b else zip(x.split(b), y.split(b))
+        pairs = [(x, y)] if len(x) <= b else list(zip(x.split(b), y.split(b)))
+        sizes = self._global_sizes([len(xb) for xb, _ in pairs])
         outs, losses = [], []
-        for xb, yb in pairs:
+        for (xb, yb), n in zip(pairs, sizes):
+            self.batch_position = self.samples_seen
             logits, loss = self.observe(xb, yb)
+            self.samples_seen += n
             self.observe_steps += 1
             outs.append(logits)
             if loss is not None:
@@ -217,6 +224,15 @@ class StreamLearner(pl.LightningModule):
             self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)
         return {"preds": logits.argmax(-1)}
+
+    def _global_sizes(self, local: list[int]) -> list[int]:
+        """Mini-batch sizes over all processes (under DDP each holds a share of a batch), so
+        `batch_position` counts stream samples: what task-free detectors report against."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return local
+        total = trainer.strategy.all_sum(torch.tensor(local, device=self.device))
+        return [int(v) for v in total.tolist()]
 
     def _check_finite(self, losses: torch.Tensor) -> None:
         # One check per Lightning step (not per observe): a host sync per chunk at most.
@@ -246,6 +262,7 @@ class StreamLearner(pl.LightningModule):
             "class": type(self).__qualname__,
             "observe_steps": self.observe_steps,
             "update_steps": self.update_steps,
+            "samples_seen": self.samples_seen,
             "skipped_updates": self.skipped_updates,
             **self.extra_state(),
         }
@@ -261,6 +278,7 @@ class StreamLearner(pl.LightningModule):
             )
         self.observe_steps = int(state["observe_steps"])
         self.update_steps = int(state["update_steps"])
+        self.samples_seen = int(state.get("samples_seen", 0))
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.load_extra_state(state)
 

@@ -564,7 +564,6 @@ class TAME(StreamLearner):
         self.optimizers_: list[torch.optim.Optimizer] = []
         self.schedulers_: list[torch.optim.lr_scheduler.LambdaLR | None] = []
         self.active = 0
-        self.samples_seen = 0
         self.eval_index = 0
         self.finalised = False
         self.events: list[dict[str, int | str]] = []
@@ -617,7 +616,7 @@ class TAME(StreamLearner):
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses of the experts, the shift decision (`DecisionCore.step`), one SGD step of the
         chosen expert, buffers. Returns that expert's pre-update logits and loss."""
-        pos, self.samples_seen = self.samples_seen, self.samples_seen + len(x)
+        pos = self.batch_position
         batch = _Batch(self, x, y)
         d = self.core.step(self.active, batch)
         if d.kind != "stay":
@@ -796,7 +795,6 @@ class TAME(StreamLearner):
             "n_experts": self.n_experts,
             "selector_out": self.selector.n_out,
             "active": self.active,
-            "samples_seen": self.samples_seen,
             "eval_index": self.eval_index,
             "finalised": self.finalised,
             "events": [dict(e) for e in self.events],
@@ -818,7 +816,6 @@ class TAME(StreamLearner):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.active = int(state["active"])
-        self.samples_seen = int(state["samples_seen"])
         self.eval_index = int(state["eval_index"])
         self.finalised = bool(state["finalised"])
         self.events = [dict(e) for e in state["events"]]

@@ -44,3 +44,24 @@ class SlowAfter(pl.Callback):
             import time
 
             time.sleep(self.seconds)
+
+
+class DumpDecisions(pl.Callback):
+    """Test aid: each process writes its learner's detector firings and active expert per
+    batch to `<folder>/decisions_rank<r>.json` at the end of fit."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        import os
+
+        ids = pl_module.expert_ids()
+        doc = {"shift_events": [int(p) for p in pl_module.shift_events()],
+               "active": [] if ids is None else [int(i) for i in ids],
+               "observe_steps": pl_module.observe_steps}
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"decisions_rank{trainer.global_rank}.json")
+        with open(path, "w") as fh:
+            json.dump(doc, fh)
