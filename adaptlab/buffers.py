@@ -33,27 +33,26 @@ class ReservoirBuffer(nn.Module):
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Offer a batch; item t (0-based count over the stream) takes slot t while the buffer
         fills, then slot j ~ U{0..t} if j < capacity. Later items win a shared slot, exactly as
-        one-at-a-time insertion would."""
-        b = len(x)
-        counts = torch.arange(self.n_seen, self.n_seen + b)
-        slots = counts.clone()
-        full = counts >= self.capacity
-        if bool(full.any()):
-            draws = torch.rand(b, generator=self.gen)
-            slots[full] = (draws[full] * (counts[full] + 1).double()).long()
-        keep = slots < self.capacity
-        src = torch.nonzero(keep).flatten()
-        dst = slots[keep]
-        if len(dst) > 1:
-            # Keep the last writer of each slot (sequential semantics, deterministic on GPU).
-            last = {int(d): i for i, d in enumerate(dst.tolist())}
-            order = torch.tensor(sorted(last.values()), dtype=torch.long)
-            src, dst = src[order], dst[order]
-        if len(dst):
-            dev = self.x.device
-            self.x[dst.to(dev)] = x[src.to(x.device)].to(self.x.dtype)
-            self.y[dst.to(dev)] = y[src.to(y.device)]
-        self.n_seen += b
+        one-at-a-time insertion would. A batch is a handful of items, so the slot logic runs
+        on Python ints and the tensors see one slice or one indexed copy."""
+        b, n, cap = len(x), self.n_seen, self.capacity
+        fill = max(0, min(b, cap - n))
+        if fill:
+            self.x[n : n + fill] = x[:fill]
+            self.y[n : n + fill] = y[:fill]
+        if fill < b:
+            draws = torch.rand(b - fill, generator=self.gen, dtype=torch.float64).tolist()
+            winner: dict[int, int] = {}  # slot -> last item index that drew it
+            for i, u in enumerate(draws, start=fill):
+                j = int(u * (n + i + 1))
+                if j < cap:
+                    winner[j] = i
+            if winner:
+                dst = torch.tensor(list(winner), device=self.x.device)
+                src = torch.tensor(list(winner.values()), device=x.device)
+                self.x[dst] = x[src].to(self.x.dtype)
+                self.y[dst] = y[src]
+        self.n_seen = n + b
 
     def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k items drawn uniformly with replacement from what is stored."""

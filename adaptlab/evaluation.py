@@ -410,6 +410,9 @@ class StreamEvaluator(pl.Callback):
         d = self.log_dir(trainer)
         os.makedirs(d, exist_ok=True)
         write_json_atomic(os.path.join(d, "metrics.json"), doc)
+        if status == getattr(self, "_run_status", None):
+            return  # run.json changes only with the status
+        self._run_status = status
         learner = trainer.lightning_module
         run = {
             "log_dir": d, "seed": getattr(learner, "seed", None),

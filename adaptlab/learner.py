@@ -136,7 +136,7 @@ class StreamLearner(pl.LightningModule):
             optimizer.step()
             if not isinstance(optimizer, LightningOptimizer):
                 self._count_step()
-        self.update_steps += 1
+        self.__dict__["update_steps"] += 1  # a plain int: see training_step
 
     def _count_step(self) -> None:
         """Count an update of an optimizer Lightning does not manage (e.g. created at run
@@ -212,11 +212,14 @@ class StreamLearner(pl.LightningModule):
         pairs = [(x, y)] if len(x) <= b else list(zip(x.split(b), y.split(b)))
         sizes = self._global_sizes([len(xb) for xb, _ in pairs])
         outs, losses = [], []
+        # Counters are plain ints in the instance dict: nn.Module.__setattr__ costs ~1.5 µs a
+        # call, a measurable share of an online step on a tiny model.
+        state = self.__dict__
         for (xb, yb), n in zip(pairs, sizes):
-            self.batch_position = self.samples_seen
+            state["batch_position"] = state["samples_seen"]
             logits, loss = self.observe(xb, yb)
-            self.samples_seen += n
-            self.observe_steps += 1
+            state["samples_seen"] += n
+            state["observe_steps"] += 1
             outs.append(logits)
             if loss is not None:
                 losses.append(loss)

@@ -1,60 +1,73 @@
-"""Throughput on an online stream: adaptlab vs a plain PyTorch loop (and Lightning, Avalanche).
+"""Throughput on an online stream: adaptlab vs a plain PyTorch loop, Lightning and Avalanche.
 
-Every variant trains the same MLP (same seeded initialisation) with SGD on the same stream
-(Split-Digits in stream order, batch B), one update per mini-batch, in the same process and
-run; the table gives samples/s and the ratio to the plain loop. Model build and stream build
-are outside the timed region; the adaptlab rows include everything a run does per step
-(Trainer loop, test-then-train bookkeeping, evaluator), except boundary evaluations are
-switched off so the rows compare training work only.
+Every variant trains the same backbone (same seeded initialisation) with SGD on the same
+stream (Split-Digits in stream order, batch B), one update per mini-batch, in the same
+process; the table gives samples/s and the ratio to the plain loop of the same row group.
+Variants run in interleaved rounds and keep their best time, so a shared machine's noise
+hits all of them alike. Model and stream building are outside the timed region. adaptlab
+rows are timed from the start of training to the end of the last training step, with the
+StreamEvaluator recording online accuracy on every chunk (boundary evaluations off).
 
-    python tools/bench.py --repeats 20 --batch-size 10 --threads 1 --rounds 3
+    python tools/bench.py                      # MLP and LeNet, batch 10 and 128, CPU
+    python tools/bench.py --device cuda        # the same on the GPU (tools/gpu_check.sh)
+    python tools/bench.py --quick              # MLP, batch 10 only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import platform
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from adaptlab.data import StreamDataModule
 from adaptlab.models import build_model
-from adaptlab.strategies import Finetune
-from adaptlab.streams import split
+from adaptlab.streams import Stream, split
+
+BACKBONES = {"mlp": {"hidden": (256,)}, "lenet": {}}
 
 
-def _model(st, seed: int) -> torch.nn.Module:
+def _model(st: Stream, backbone: str, seed: int = 0) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003)
-        return build_model("mlp", st.input_shape, st.n_classes, hidden=(256,))
+        return build_model(backbone, st.input_shape, st.n_classes, **BACKBONES[backbone])
 
 
-def plain_loop(st, lr: float, seed: int) -> float:
-    model = _model(st, seed)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(st: Stream, backbone: str, lr: float, device: str) -> float:
+    model = _model(st, backbone).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    x, y, b = st.x, st.y, st.batch_size
+    x, y, b = st.x.to(device), st.y.to(device), st.batch_size
+    _sync(device)
     t = time.perf_counter()
     for s in range(0, len(y), b):
-        logits = model(x[s : s + b])
-        loss = F.cross_entropy(logits, y[s : s + b])
+        loss = F.cross_entropy(model(x[s : s + b]), y[s : s + b])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(device)
     return time.perf_counter() - t
 
 
-def lightning_plain(st, lr: float, seed: int) -> float:
-    """Lightning's ordinary path: automatic optimisation, a TensorDataset DataLoader."""
+def lightning_plain(st: Stream, backbone: str, lr: float, device: str) -> float:
+    """Lightning's ordinary path: automatic optimisation over a TensorDataset DataLoader."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     class Plain(pl.LightningModule):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
-            self.model = _model(st, seed)
+            self.model = _model(st, backbone)
 
         def training_step(self, batch, _):
             return F.cross_entropy(self.model(batch[0]), batch[1])
@@ -63,103 +76,163 @@ def lightning_plain(st, lr: float, seed: int) -> float:
             return torch.optim.SGD(self.parameters(), lr=lr)
 
     loader = DataLoader(TensorDataset(st.x, st.y), batch_size=st.batch_size, shuffle=False)
+    timer = _TrainTimer()
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False,
-                         accelerator="cpu")
-    module = Plain()
-    t = time.perf_counter()
-    trainer.fit(module, loader)
-    return time.perf_counter() - t
+                         accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                         callbacks=[timer])
+    trainer.fit(Plain(), loader)
+    return timer.seconds
 
 
-def adaptlab_finetune(st, lr: float, seed: int, batches_per_step: int, log_dir: str) -> float:
+class _TrainTimer:
+    """Callback: seconds from the start of training to the end of the last training step
+    (it runs before the evaluator, so end-of-stream evaluation is not counted)."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Timer(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                _sync(pl_module.device.type)
+                self.t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, *args):
+                _sync(pl_module.device.type)
+                self.seconds = time.perf_counter() - self.t0
+
+        return Timer()
+
+
+def adaptlab_run(st: Stream, learner_cls, device: str, batches_per_step: int = 50,
+                 prepare: Callable | None = None, **learner_args) -> float:
     import pytorch_lightning as pl
-    from pytorch_lightning.loggers import TensorBoardLogger
 
     from adaptlab.evaluation import StreamEvaluator
 
-    learner = Finetune(input_shape=st.input_shape, n_classes=st.n_classes,
-                       batch_size=st.batch_size, lr=lr, seed=seed)
+    learner = learner_cls(input_shape=st.input_shape, n_classes=st.n_classes,
+                          batch_size=st.batch_size, seed=0, **learner_args)
+    if prepare is not None:
+        prepare(learner)
+    timer = _TrainTimer()
     evaluator = StreamEvaluator(init_eval=False, figures=False, print_table=False)
-    nobounds = type(st)(**{**{f: getattr(st, f) for f in st.__dataclass_fields__
-                              if f != "fingerprint"}, "eval_positions": (len(st),),
-                           "row_segments": (st.row_segments[-1],)})
-    trainer = pl.Trainer(max_epochs=1, logger=TensorBoardLogger(log_dir, name="bench"),
-                         enable_progress_bar=False, enable_checkpointing=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[evaluator],
-                         num_sanity_val_steps=0)
-    dm = StreamDataModule(nobounds, batches_per_step=batches_per_step)
-    t = time.perf_counter()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                         callbacks=[timer, evaluator], num_sanity_val_steps=0,
+                         default_root_dir="/tmp/adaptlab_bench")
+    # One evaluation point at the end: rows compare training work, not evaluation work.
+    st = dataclasses.replace(st, eval_positions=(len(st),), row_segments=(st.row_segments[-1],),
+                             first_rows=tuple(0 for _ in st.segments))
+    dm = StreamDataModule(st, batches_per_step=batches_per_step, device_cache=device == "cuda")
     trainer.fit(learner, datamodule=dm)
-    return time.perf_counter() - t
+    return timer.seconds
 
 
-def avalanche_naive(st, lr: float, seed: int) -> float | None:
+def avalanche_naive(st: Stream, backbone: str, lr: float, device: str) -> float | None:
     try:
+        from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
         from avalanche.benchmarks.utils import as_classification_dataset
+        from avalanche.training.plugins import EvaluationPlugin
         from avalanche.training.supervised import Naive
     except ImportError:
         return None
-    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
-    from avalanche.training.plugins import EvaluationPlugin
     from torch.utils.data import TensorDataset
 
     ds = TensorDataset(st.x, st.y)
     ds.targets = st.y.tolist()
     bench = benchmark_from_datasets(train=[as_classification_dataset(ds)])
-    model = _model(st, seed)
+    model = _model(st, backbone)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                     train_mb_size=st.batch_size, train_epochs=1, device="cpu",
+                     train_mb_size=st.batch_size, train_epochs=1, device=device,
                      evaluator=EvaluationPlugin(loggers=[]))
     exp = bench.train_stream[0]
+    _sync(device)
     t = time.perf_counter()
     strategy.train(exp, shuffle=False, num_workers=0)
+    _sync(device)
     return time.perf_counter() - t
+
+
+def _with_experts(k: int) -> Callable:
+    """Grow a fresh TAME to k experts before training (a stationary stream keeps k)."""
+    def prepare(learner) -> None:
+        for _ in range(k - 1):
+            learner._spawn()
+            learner.core.add_expert()
+        learner.pool.invalidate()
+
+    return prepare
+
+
+def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Callable]:
+    from adaptlab.strategies import TAME, Finetune, Replay
+
+    common = {"backbone": backbone, "backbone_args": BACKBONES[backbone], "lr": lr}
+    out: dict[str, Callable] = {
+        "plain PyTorch loop": lambda: plain_loop(st, backbone, lr, device),
+        "Lightning Trainer, automatic optimisation":
+            lambda: lightning_plain(st, backbone, lr, device),
+        "adaptlab Finetune, 1 batch per step":
+            lambda: adaptlab_run(st, Finetune, device, 1, **common),
+        "adaptlab Finetune": lambda: adaptlab_run(st, Finetune, device, **common),
+        "Avalanche Naive": lambda: avalanche_naive(st, backbone, lr, device),
+        "adaptlab Replay (2x the work per step)":
+            lambda: adaptlab_run(st, Replay, device, memory_size=500, **common),
+    }
+    tame = {**common, "momentum": 0.0, "weight_decay": 0.0, "prune_when": "off",
+            "selector_epochs": 1, "selector_schedule": "end", "grace_steps": 10**9}
+    for k in (1, 5, 20):
+        out[f"adaptlab TAME, K={k} experts"] = (
+            lambda k=k: adaptlab_run(st, TAME, device, prepare=_with_experts(k), **tame)
+        )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20, help="passes per segment")
-    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 128])
+    ap.add_argument("--backbones", nargs="+", default=["mlp", "lenet"], choices=list(BACKBONES))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best is kept")
-    ap.add_argument("--log-dir", default="/tmp/adaptlab_bench")
+    ap.add_argument("--quick", action="store_true", help="MLP, batch 10 only")
     args = ap.parse_args()
+    if args.quick:
+        args.batch_sizes, args.backbones = [10], ["mlp"]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is available")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    import logging
-
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    st = split(repeats=args.repeats, batch_size=args.batch_size)
-    n = len(st)
-    variants = {
-        "plain PyTorch loop": lambda: plain_loop(st, args.lr, 0),
-        "Lightning Trainer, automatic optimisation": lambda: lightning_plain(st, args.lr, 0),
-        **{
-            f"adaptlab Finetune (Trainer), batches_per_step={k}":
-                (lambda k=k: adaptlab_finetune(st, args.lr, 0, k, args.log_dir))
-            for k in (1, 10, 50)
-        },
-        "Avalanche Naive": lambda: avalanche_naive(st, args.lr, 0),
-    }
-    plain_loop(st, args.lr, 0)  # warm-up (allocator, kernels)
-    best: dict[str, float | None] = {}
-    # Interleaved rounds, best time per variant: a shared machine's noise hits all alike.
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            t = fn()
-            best[name] = None if t is None else min(t, best.get(name) or float("inf"))
-    rows = list(best.items())
-    base = n / rows[0][1]
-    print(f"\nSplit-Digits, {n} samples, batch {args.batch_size}, MLP 64-256-10, SGD; "
-          f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or 'cpu'}")
-    print("\n| variant | samples/s | × plain loop |\n|---|---:|---:|")
-    for name, secs in rows:
-        if secs is None:
-            print(f"| {name} | not installed | — |")
-        else:
-            print(f"| {name} | {n / secs:,.0f} | {n / secs / base:.2f} |")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    dev_name = torch.cuda.get_device_name() if args.device == "cuda" else (
+        platform.processor() or platform.machine())
+    print(f"Split-Digits x {args.repeats} passes per segment; torch {torch.__version__}, "
+          f"{args.device} ({dev_name}), {args.threads} CPU thread(s), best of {args.rounds} "
+          "interleaved rounds")
+    print("\n| backbone | batch | variant | samples/s | × plain loop |\n|---|---:|---|---:|---:|")
+    for backbone in args.backbones:
+        for b in args.batch_sizes:
+            st = split(repeats=args.repeats, batch_size=b)
+            runs = variants(st, backbone, args.lr, args.device)
+            plain_loop(st, backbone, args.lr, args.device)  # warm-up (allocator, kernels)
+            best: dict[str, float | None] = {}
+            for _ in range(args.rounds):
+                for name, fn in runs.items():
+                    t = fn()
+                    best[name] = None if t is None else min(t, best.get(name) or float("inf"))
+            base = len(st) / best["plain PyTorch loop"]
+            for name, secs in best.items():
+                if secs is None:
+                    print(f"| {backbone} | {b} | {name} | not installed | — |")
+                    continue
+                rate = len(st) / secs
+                print(f"| {backbone} | {b} | {name} | {rate:,.0f} | {rate / base:.2f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
