@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
@@ -29,6 +29,30 @@ LOGGER_DEFAULT = {
     "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "lightning_logs", "name": "default", "default_hp_metric": False},
 }
+
+
+class AdaptLabParser(LightningArgumentParser):
+    """Configuration errors as one line naming the option, not a screen of usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        print(f"adaptlab: error: {condense(message)} (`adaptlab fit --help` lists the options)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
+NOISE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Given value type:",
+         "- Expected a <class 'NoneType'>")
+
+
+def condense(message: str) -> str:
+    """jsonargparse's nested error report folded onto one line, the generic parts dropped."""
+    parts = []
+    for line in message.splitlines():
+        line = line.strip().lstrip("- ").strip()
+        if line and not any(line.startswith(n.lstrip("- ")) for n in NOISE):
+            if line.rstrip(":") not in parts:
+                parts.append(line.rstrip(":"))
+    return "; ".join(parts) or message.strip()
 
 
 class AdaptLabCLI(LightningCLI):
@@ -153,6 +177,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         AdaptLabCLI(
             StreamLearner, StreamDataModule, subclass_mode_model=True,
+            parser_class=AdaptLabParser,
             seed_everything_default=0,
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "logger": LOGGER_DEFAULT},
             save_config_kwargs={"overwrite": True},
