@@ -13,9 +13,9 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-## The main experiment on the bundled default data (scikit-learn digits).
+## The main experiment on the bundled default data: TAME on Split-Digits (scikit-learn digits).
 run: $(STAMP)
-	$(VENV)/bin/adaptlab fit --config configs/replay/split_digits.yaml
+	$(VENV)/bin/adaptlab fit --config configs/tame/split_digits.yaml
 
 ## The default test suite (what CI runs): fast tests, Avalanche ones included.
 test: $(STAMP)
