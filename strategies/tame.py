@@ -8,7 +8,9 @@ One expert network per detected segment of a task-free stream (spec `tame.md`):
   segment), or spawns a fresh expert when none does;
 - only the active expert trains (one SGD step per batch);
 - a `Selector`, trained on a bottom-k buffer labelled by expert id, routes test inputs;
-- global L1 pruning with retraining on per-expert buffers keeps the total small.
+- global L1 pruning with retraining on per-expert buffers keeps the total small, or (the
+  adaptlab extension `prune_when: gradual`) each expert is pruned while it learns, on a cubic
+  schedule over its own training steps, and needs no retraining buffer.
 
 The per-batch rule is `TAME.observe`; read it first.
 """
@@ -65,6 +67,16 @@ def global_l1_masks(weights: Sequence[torch.Tensor], amount: float) -> list[torc
     if n:
         keep[torch.topk(flat, n, largest=False).indices] = False
     return list(keep.split([w.numel() for w in weights]))
+
+
+def cubic_sparsity(t: int, final: float, steps: int) -> float:
+    """Zhu & Gupta (2017)'s gradual schedule s(t) = s_f (1 - (1 - min(t, T)/T)^3), T = `steps`:
+    0 at t = 0, rising fast then flattening, exactly s_f from t = T on."""
+    if steps < 1:
+        raise ValueError(f"prune_steps: must be >= 1, got {steps!r}")
+    if t >= steps:
+        return final
+    return final * (1.0 - (1.0 - max(t, 0) / steps) ** 3)
 
 
 def _seeded(*parts: int) -> int:
@@ -230,6 +242,21 @@ class ExpertPool(nn.Module):
             buffers[name][k].copy_(b)
 
     # -- pruning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_sparsity(self, k: int, amount: float,
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Gradual pruning step: recompute expert k's masks by global L1 at rate `amount`, zero
+        the newly masked weights (and their momentum), and refresh k's slice of the stacked
+        cache. Masked weights are exactly zero, hence the smallest: with a rising `amount`
+        the pruned set only grows (no regrowth)."""
+        pairs = self.masked_params(k)
+        new = global_l1_masks([p for p, _ in pairs], amount)
+        for (_, m), keep in zip(pairs, new, strict=True):
+            m.copy_(keep.view_as(m))
+        self.pruned[k] = True
+        self.apply_masks(k, optimizer)
+        self.sync_cache(k)
+
     @torch.no_grad()
     def prune(self, k: int, amount: float) -> None:
         """One-shot global L1 pruning of expert k at rate `amount`."""
@@ -440,8 +467,14 @@ class TAME(StreamLearner):
         selector_*: the selector network and its training; `selector_schedule`
             `before_eval` (train at every evaluation point) or `end` (min-entropy routing
             until the final evaluation); `selector_refresh` `scratch` or `warm`.
-        prune_when (`end`|`on_spawn`|`off`), prune_experts, prune_selector, retrain_*:
-            global L1 pruning and retraining on R_k (experts) / S (selector).
+        prune_when (`end`|`on_spawn`|`gradual`|`off`), prune_experts, prune_selector,
+            retrain_*: global L1 pruning and retraining on R_k (experts) / S (selector).
+            `gradual` (adaptlab extension [A], not in the paper): task-free gradual pruning;
+            expert k's sparsity follows `cubic_sparsity(t_k, prune_experts, prune_steps)` over
+            its own training-step count t_k, its masks recomputed by global L1 every
+            `prune_every` of its steps (and at t_k = prune_steps) and applied after every step,
+            so it learns its segment under the mask; at the final evaluation only experts that
+            never reached `prune_steps` are pruned to `prune_experts` and retrained on R_k.
         log_every: observe steps between TensorBoard scalars (events are always logged).
     """
 
@@ -487,6 +520,8 @@ class TAME(StreamLearner):
         prune_when: str = "end",
         prune_experts: float = 0.98,
         prune_selector: float = 0.5,
+        prune_steps: int = 1000,
+        prune_every: int = 50,
         retrain_epochs: int = 200,
         retrain_lr: float = 0.1,
         retrain_weight_decay: float = 1e-4,
@@ -509,7 +544,7 @@ class TAME(StreamLearner):
             "selector_output": (selector_output, ("logits", "sigmoid")),
             "selector_schedule": (selector_schedule, ("before_eval", "end")),
             "selector_refresh": (selector_refresh, ("scratch", "warm")),
-            "prune_when": (prune_when, ("end", "on_spawn", "off")),
+            "prune_when": (prune_when, ("end", "on_spawn", "gradual", "off")),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -517,6 +552,9 @@ class TAME(StreamLearner):
         if eval_experts == "on_trigger" and ewma_chain != "own":
             raise ValueError("eval_experts: 'on_trigger' needs ewma_chain 'own' (the 'all' chain "
                              "advances every expert on every batch)")
+        if prune_steps < 1 or prune_every < 1:
+            raise ValueError(f"prune_steps, prune_every: must be >= 1, got {prune_steps!r}, "
+                             f"{prune_every!r}")
         if steps_per_epoch is not None and steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch: must be >= 1 or null, got {steps_per_epoch!r}")
         self.opt_args = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -536,6 +574,7 @@ class TAME(StreamLearner):
         self.selector_refresh_epochs = selector_refresh_epochs
         self.prune_when, self.prune_experts, self.prune_selector = (
             prune_when, prune_experts, prune_selector)
+        self.prune_steps, self.prune_every = prune_steps, prune_every
         self.retrain_args = {
             "epochs": retrain_epochs, "lr": retrain_lr, "momentum": 0.9,
             "weight_decay": retrain_weight_decay, "batch_size": retrain_batch_size,
@@ -562,6 +601,7 @@ class TAME(StreamLearner):
             selector_output, self.seed,
         )
         self.optimizers_: list[torch.optim.Optimizer] = []
+        self.expert_steps: list[int] = []  # training steps per expert (gradual pruning's t)
         self.schedulers_: list[torch.optim.lr_scheduler.LambdaLR | None] = []
         self.active = 0
         self.eval_index = 0
@@ -581,6 +621,7 @@ class TAME(StreamLearner):
         self.pool.add(expert)
         opt = torch.optim.SGD(expert.parameters(), **self.opt_args)
         self.optimizers_.append(opt)
+        self.expert_steps.append(0)
         self.schedulers_.append(
             None if self.lr_schedule is None
             else torch.optim.lr_scheduler.LambdaLR(opt, self.lr_schedule))
@@ -659,6 +700,12 @@ class TAME(StreamLearner):
         opt = self.optimizers_[k]
         loss = classification_loss(self.pool.experts[k](x), y, self.expert_output)
         self.update(opt, loss)
+        self.expert_steps[k] += 1
+        t = self.expert_steps[k]
+        if self.prune_when == "gradual" and t <= self.prune_steps and (
+                t % self.prune_every == 0 or t == self.prune_steps):
+            self.pool.set_sparsity(k, cubic_sparsity(t, self.prune_experts, self.prune_steps),
+                                   opt)
         self.pool.apply_masks(k, opt)
         if self.schedulers_[k] is not None:
             self.schedulers_[k].step()
@@ -697,7 +744,8 @@ class TAME(StreamLearner):
     # -- evaluation ---------------------------------------------------------------------------
     def before_evaluation(self, final: bool) -> None:
         """Train the selector for this evaluation point; at the final one, first prune the
-        experts and retrain them on R_k, then refit, prune and retrain the selector."""
+        experts and retrain them on R_k (`gradual`: only those that never reached
+        `prune_steps`), then refit, prune and retrain the selector."""
         index = self.eval_index
         self.eval_index += 1
         if final and not self.finalised:
@@ -705,7 +753,10 @@ class TAME(StreamLearner):
             self._log_curves()
             if self.prune_when != "off":
                 for k in range(self.n_experts):
-                    if not bool(self.pool.pruned[k]):
+                    if self.prune_when == "gradual":
+                        if self.expert_steps[k] < self.prune_steps:
+                            self._prune_and_retrain(k)
+                    elif not bool(self.pool.pruned[k]):
                         self._prune_and_retrain(k)
             self._fit_selector(index, warm=False)
             if self.prune_when != "off" and self.selector.net is not None:
@@ -801,6 +852,7 @@ class TAME(StreamLearner):
             "active_history": torch.tensor(self.active_history, dtype=torch.long),
             "history": {k: torch.tensor(v, dtype=torch.float32) for k, v in self.history.items()},
             "optimizers": [o.state_dict() for o in self.optimizers_],
+            "expert_steps": list(self.expert_steps),
             "schedulers": [None if s is None else s.state_dict() for s in self.schedulers_],
         }
 
@@ -821,6 +873,8 @@ class TAME(StreamLearner):
         self.events = [dict(e) for e in state["events"]]
         self.active_history = [int(v) for v in state["active_history"].tolist()]
         self.history = {k: [float(v) for v in t.tolist()] for k, t in state["history"].items()}
+        if "expert_steps" in state:
+            self.expert_steps = [int(v) for v in state["expert_steps"]]
         for opt, s in zip(self.optimizers_, state["optimizers"], strict=True):
             opt.load_state_dict(s)
         for sched, s in zip(self.schedulers_, state["schedulers"], strict=True):
@@ -828,4 +882,4 @@ class TAME(StreamLearner):
                 sched.load_state_dict(s)
 
 
-__all__ = ["TAME", "ExpertPool", "Selector", "global_l1_masks"]
+__all__ = ["TAME", "ExpertPool", "Selector", "cubic_sparsity", "global_l1_masks"]

@@ -20,7 +20,7 @@ from adaptlab.detect import ShiftDetector
 from adaptlab.evaluation import StreamEvaluator
 from adaptlab.models import build_model
 from adaptlab.strategies import TAME
-from adaptlab.strategies.tame import DecisionCore, ExpertPool, global_l1_masks
+from adaptlab.strategies.tame import DecisionCore, ExpertPool, cubic_sparsity, global_l1_masks
 from adaptlab.streams import split
 from tests.helpers import learner_kwargs
 
@@ -210,7 +210,7 @@ def test_global_l1_masks_count() -> None:
     assert sum(int((~m).sum()) for m in masks) == round(0.5 * 26)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "bn", "pruned"])
+@pytest.mark.parametrize("kind", ["mlp", "bn", "pruned", "gradual"])
 def test_batched_and_looped_losses_agree(kind: str) -> None:
     pools = [ExpertPool(batched=b) for b in (False, True)]
     for seed in range(3):
@@ -237,9 +237,72 @@ def test_batched_and_looped_losses_agree(kind: str) -> None:
         opt.step()
         pool.apply_masks(1, opt)
         pool.sync_cache(1)
+        if kind == "gradual":  # masks change after the sync: set_sparsity refreshes the slice
+            pool.set_sparsity(1, 0.6, opt)
     loop2, vmap2 = both()
     assert torch.allclose(loop2, vmap2, atol=1e-6)
     assert not torch.allclose(loop, loop2)
+
+
+# --------------------------------------------------------------------------- gradual pruning
+
+GRADUAL = {"input_shape": (1, 8, 8), "n_classes": 10, "batch_size": 10, "prune_when": "gradual",
+           "prune_experts": 0.9, "prune_steps": 30, "prune_every": 4, "retrain_capacity": 0,
+           "backbone": "mlp", "backbone_args": {"hidden": [32]}}
+
+
+def _gradual_steps(learner: TAME, k: int, n: int, seed: int = 0) -> list[int]:
+    """n online steps of expert k on random batches; masked-out counts after each."""
+    g = torch.Generator().manual_seed(seed)
+    counts = []
+    for _ in range(n):
+        x, y = torch.randn(10, 1, 8, 8, generator=g), torch.randint(0, 10, (10,), generator=g)
+        learner._train_step(k, x, y)
+        counts.append(sum(int((~m).sum()) for _, m in learner.pool.masked_params(k)))
+    return counts
+
+
+def test_gradual_schedule_is_monotone_and_exact() -> None:
+    s = [cubic_sparsity(t, 0.9, 30) for t in range(40)]
+    assert s[0] == 0 and all(a <= b for a, b in zip(s, s[1:], strict=False))
+    assert all(v == 0.9 for v in s[30:])
+    learner = TAME(**GRADUAL)
+    learner._fast_update = True  # step without a Trainer
+    n = sum(p.numel() for p, _ in learner.pool.masked_params(0))
+    counts = _gradual_steps(learner, 0, 40)
+    assert all(a <= b for a, b in zip(counts, counts[1:], strict=False))
+    assert counts[:3] == [0, 0, 0] and counts[3] == round(cubic_sparsity(4, 0.9, 30) * n)
+    assert all(c == round(0.9 * n) for c in counts[29:])  # t >= T
+    for p, m in learner.pool.masked_params(0):  # masked weights and their momentum are zero
+        assert (p[~m] == 0).all()
+        assert (learner.optimizers_[0].state[p]["momentum_buffer"][~m] == 0).all()
+    assert learner.expert_steps == [40]
+
+
+def test_gradual_masks_survive_a_checkpoint_round_trip() -> None:
+    a = TAME(**GRADUAL)
+    a._fast_update = True
+    a._spawn()
+    a.core.add_expert()
+    _gradual_steps(a, 0, 35)
+    _gradual_steps(a, 1, 13, seed=1)  # mid-schedule
+    ckpt = {"state_dict": a.state_dict()}
+    a.on_save_checkpoint(ckpt)
+    ckpt = copy.deepcopy(ckpt)  # as if written to disk: shares no tensor with `a`
+    b = TAME(**GRADUAL)
+    b._fast_update = True
+    b.on_load_checkpoint(ckpt)
+    b.load_state_dict(ckpt["state_dict"])
+    assert b.expert_steps == a.expert_steps == [35, 13]
+    assert torch.equal(b.pool.pruned, a.pool.pruned)
+    for k in range(2):
+        for (pa, ma), (pb, mb) in zip(a.pool.masked_params(k), b.pool.masked_params(k),
+                                      strict=True):
+            assert torch.equal(ma, mb) and torch.equal(pa, pb)
+    ca, cb = _gradual_steps(a, 1, 20, seed=2), _gradual_steps(b, 1, 20, seed=2)
+    assert ca == cb  # the schedule continues where it stopped
+    for (pa, ma), (pb, mb) in zip(a.pool.masked_params(1), b.pool.masked_params(1), strict=True):
+        assert torch.equal(ma, mb) and torch.equal(pa, pb)
 
 
 # --------------------------------------------------------------------------- Lightning runs
