@@ -20,7 +20,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 import adaptlab.strategies  # noqa: F401  (registers the learners for `--model Name`)
 
-from .data import StreamDataModule
+from .data import StreamDataModule, require_one_epoch
 from .distributed import StreamDDPStrategy
 from .evaluation import StreamEvaluator
 from .learner import NonFiniteLossError, StreamLearner
@@ -98,7 +98,12 @@ class AdaptLabCLI(LightningCLI):
             return
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt_path!r}")
-        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as err:  # a truncated or foreign file
+            raise ValueError(
+                f"ckpt_path: {ckpt_path!r} is not a readable checkpoint ({type(err).__name__})"
+            ) from None
         saved = dict(ckpt.get("hyper_parameters", {}))
         model = self.config[sub]["model"]
         theirs, mine = saved.pop("_class_path", None), model.get("class_path")
@@ -119,11 +124,7 @@ class AdaptLabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Fail before training, not after it, when the run cannot write its outputs."""
-        if self.trainer.max_epochs != 1:
-            raise ValueError(
-                f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
-                f"{self.trainer.max_epochs}; use the stream's `repeats` for passes per segment"
-            )
+        require_one_epoch(self.trainer)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         try:
             os.makedirs(log_dir, exist_ok=True)

@@ -46,16 +46,10 @@ class ChunkDataset(Dataset):
 
 def shard_index(start: int, end: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
     """This rank's share of every mini-batch in `[start, end)`: contiguous, near-equal parts."""
-    parts = [
+    return torch.cat([
         torch.arange(p, min(p + batch_size, end)).tensor_split(world)[rank]
         for p in range(start, end, batch_size)
-    ]
-    if any(len(part) == 0 for part in parts):
-        raise ValueError(
-            f"trainer.devices: a mini-batch smaller than the {world} processes leaves one "
-            f"with no samples; use batch_size >= devices"
-        )
-    return torch.cat(parts)
+    ])
 
 
 class StreamLoader:
@@ -143,6 +137,7 @@ class StreamDataModule(pl.LightningDataModule):
         self.presentation = presentation
         self.device_cache = device_cache
         self.samples_consumed = 0
+        self.stop_every: int | None = None  # extra chunk ends (the evaluator's anytime points)
         self._plan: tuple[list[int], list[int], list[torch.Tensor] | None] = ([], [], None)
         self._next_chunk = 0
         self._base: Stream | None = stream if isinstance(stream, Stream) else None
@@ -186,11 +181,8 @@ class StreamDataModule(pl.LightningDataModule):
         if self._stream is None:
             wanted = self.presentation or getattr(learner, "presentation", "stream")
             self._stream = self._present(wanted)
-        if stage == "fit" and trainer is not None and trainer.max_epochs != 1:
-            raise ValueError(
-                f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
-                f"{trainer.max_epochs}; use the stream's `repeats` for passes per segment"
-            )
+        if stage == "fit" and trainer is not None:
+            require_one_epoch(trainer)
         if self.device_cache and trainer is not None:
             dev = trainer.strategy.root_device
             st = self.stream
@@ -207,8 +199,13 @@ class StreamDataModule(pl.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> StreamLoader:
         st = self.stream
+        stops = set(st.eval_positions)
+        if self.stop_every:  # rounded up to whole mini-batches, as boundaries are
+            b = st.batch_size
+            stops |= {min(len(st), -(-p // b) * b)
+                      for p in range(self.stop_every, len(st), self.stop_every)}
         starts, ends = chunk_plan(
-            len(st), st.eval_positions, self.batches_per_step * st.batch_size
+            len(st), tuple(sorted(stops)), self.batches_per_step * st.batch_size
         )
         if self.samples_consumed in ends:
             first = ends.index(self.samples_consumed) + 1
@@ -226,6 +223,14 @@ class StreamDataModule(pl.LightningDataModule):
             if st.batch_size % world:
                 raise ValueError(
                     f"batch_size: {st.batch_size} is not divisible by the {world} processes"
+                )
+            # Checked on the plan, which every rank shares, so all of them stop alike.
+            short = [e - s for s, e in zip(starts, ends) if (e - s) % st.batch_size]
+            if any(n % st.batch_size < world for n in short):
+                raise ValueError(
+                    f"trainer.devices: the stream ({len(st)} samples) has a mini-batch of fewer "
+                    f"than {world} samples at a boundary or its end, which would leave a "
+                    "process without data; change batch_size or max_samples_per_segment"
                 )
             rank = trainer.global_rank
             index = [shard_index(s, e, st.batch_size, rank, world) for s, e in zip(starts, ends)]
@@ -272,10 +277,10 @@ class StreamDataModule(pl.LightningDataModule):
     def batch_meta(self) -> dict[str, Any]:
         """Per-chunk metadata for callbacks (never the learner): the current chunk's
         `[start, end)`, the true `segment_ids` of its samples, and `index`, the stream
-        positions of the samples this process trained on (all of them without DDP)."""
+        positions of the samples this process trained on (`None` without DDP: all)."""
         s, e = self._chunk
         _, _, index = self._plan
-        local = index[self._next_chunk - 1] if index is not None else torch.arange(s, e)
+        local = index[self._next_chunk - 1] if index is not None else None
         return {"start": s, "end": e, "segment_ids": self.stream.segment_ids[s:e],
                 "index": local}
 
@@ -291,6 +296,15 @@ class StreamDataModule(pl.LightningDataModule):
                 "and seed that wrote it"
             )
         self.samples_consumed = int(state["samples_consumed"])
+
+
+def require_one_epoch(trainer: pl.Trainer) -> None:
+    """One pass over the stream is one epoch; more passes belong to the stream (`repeats`)."""
+    if trainer.max_epochs != 1:
+        raise ValueError(
+            f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
+            f"{trainer.max_epochs}; use the stream's `repeats` for passes per segment"
+        )
 
 
 def _moved(st: Stream, device: torch.device) -> Stream:

@@ -51,6 +51,30 @@ class StreamDDPStrategy(DDPStrategy):
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
 
+    def weighted_mean(self, t: torch.Tensor, n_local: int) -> torch.Tensor:
+        """Per-element mean over ranks weighted by each rank's sample count: a rank's mean
+        loss over its share becomes the mean over the global mini-batch."""
+        if self.world_size < 2:
+            return t
+        flat = torch.cat([t.reshape(-1).float() * n_local, t.new_full((1,), n_local).float()])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        return (flat[:-1] / flat[-1]).view_as(t).to(t.dtype)
+
+    def gather_batch(self, t: torch.Tensor) -> torch.Tensor:
+        """The global mini-batch from every rank's share, in stream order (ranks hold
+        contiguous, ordered parts), so state built from it is identical on every rank."""
+        if self.world_size < 2:
+            return t
+        n = torch.tensor([len(t)], device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        sizes = [int(s) for s in sizes]
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: len(t)] = t
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks (the evaluator's online counts)."""
         if self.world_size < 2:

@@ -139,16 +139,25 @@ class StreamEvaluator(pl.Callback):
             trainer.logger.log_metrics(clean, step=step)
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Chunks end at every anytime evaluation point, so when it happens does not depend on
+        # `batches_per_step` (a speed setting).
+        if stage == "fit" and self.anytime_every is not None and trainer.datamodule is not None:
+            trainer.datamodule.stop_every = self.anytime_every
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, StreamLearner):
-            raise TypeError(
-                f"StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}"
+            raise ValueError(
+                f"model: the StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}"
             )
         self.started_at = self.started_at or _now()
         self._log_dir = None
         self.log_dir(trainer)
         if self.anytime_every is not None and self._next_anytime is None:
             self._next_anytime = self.anytime_every
+        st = self._stream(trainer)
+        ids = st.segment_ids
+        self._first_pos = np.array([int(torch.nonzero(ids == s.id)[0]) for s in st.segments])
         fresh = trainer.datamodule.samples_consumed == 0
         if fresh and self.init_eval and self.init is None:
             self.init = self._evaluate(trainer, pl_module)
@@ -192,8 +201,11 @@ class StreamEvaluator(pl.Callback):
             self._logged_at = step
             self._log_online(trainer, step)
         if self._next_anytime is not None and end >= self._next_anytime:
+            pl_module.before_evaluation(False)
             acc = self._evaluate(trainer, pl_module)
-            self.anytime.append((end, acc))
+            # a_t pools the segments seen so far only (metrics.md §3)
+            seen = self._first_pos < end
+            self.anytime.append((end, [a if ok else float("nan") for a, ok in zip(acc, seen)]))
             while self._next_anytime <= end:
                 self._next_anytime += self.anytime_every
         if end in st.eval_positions:
@@ -218,7 +230,7 @@ class StreamEvaluator(pl.Callback):
             err = 1 - self._correct / max(1, self._n)
             values["TTA_Online_Error/train_phase/train_stream"] = err
         learner = trainer.lightning_module
-        if hasattr(learner, "shift_events") and learner.expert_ids() is not None:
+        if learner.has_experts:
             values["ShiftDetect_Count/train_phase/train_stream"] = len(learner.shift_events())
         self._log(trainer, values, step)
 
@@ -285,8 +297,12 @@ class StreamEvaluator(pl.Callback):
     def matrix(self) -> np.ndarray:
         return np.array([r["acc"] for r in self.rows], dtype=float)
 
-    def final_metrics(self, trainer: pl.Trainer, learner: StreamLearner) -> dict[str, Any]:
-        """Everything `metrics.json` holds under `final`, `per_segment`, `shift_detection`."""
+    def final_metrics(
+        self, trainer: pl.Trainer, learner: StreamLearner, with_learner: bool = True
+    ) -> dict[str, Any]:
+        """Everything `metrics.json` holds under `final`, `per_segment`, `shift_detection`.
+        `with_learner=False` leaves `final.learner` null (its routing pass over every test
+        set is for the end of a run, not every boundary)."""
         st = self._stream(trainer)
         R = self.matrix()
         first = list(st.first_rows)
@@ -318,7 +334,8 @@ class StreamEvaluator(pl.Callback):
         sized = learner.model_size_modules()
         final["params_total"] = metrics.params_total(sized)
         final["params_nonzero"] = metrics.params_nonzero(sized)
-        final["learner"] = self._learner_metrics(trainer, learner, ev)
+        final["learner"] = self._learner_metrics(trainer, learner, ev) if with_learner else (
+            dict.fromkeys(["acc_class_il", "acc_within_task", "selector_acc", "n_experts"]))
 
         per_online = metrics.acc_online_per_segment(ev)
         f_ch = metrics.forgetting_chaudhry(R, first=first, per_segment=True) if len(R) else None
@@ -334,7 +351,7 @@ class StreamEvaluator(pl.Callback):
             }
         detection = None
         detections = learner.shift_events()
-        if learner.expert_ids() is not None or detections:
+        if learner.has_experts or detections:
             rep = metrics.detection_report(
                 list(st.true_shifts), sorted(detections), len(st), tolerance=self.tolerance,
                 warmup=self.warmup, batch_size=st.batch_size,
@@ -394,7 +411,7 @@ class StreamEvaluator(pl.Callback):
                 "rows": self.rows,
             },
         }
-        doc |= self.final_metrics(trainer, learner)
+        doc |= self.final_metrics(trainer, learner, with_learner=status != "running")
         doc["curves"] = {
             "acc_online_windowed": self.curve,
             "acc_anytime": metrics.acc_anytime_curve(

@@ -94,7 +94,7 @@ class StreamLearner(pl.LightningModule):
     def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
         """A fresh backbone, initialised from (seed, index) without touching global RNGs."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + index)
+            torch.random.default_generator.manual_seed(self.seed * 1_000_003 + index)
             return build_model(
                 self.backbone, self.input_shape, n_classes or self.n_classes, **self.backbone_args
             )
@@ -197,6 +197,11 @@ class StreamLearner(pl.LightningModule):
         """Expert routing for expert learners; `None` for learners without experts."""
         return None
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether this learner routes inputs to experts (it overrides `expert_ids`)."""
+        return type(self).expert_ids is not StreamLearner.expert_ids
+
     def add_update_hook(self, fn: UpdateHook) -> None:
         """Register `fn(step)`, called before every optimizer update inside `observe`."""
         self._update_hooks.append(fn)
@@ -227,6 +232,20 @@ class StreamLearner(pl.LightningModule):
             self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)
         return {"preds": logits.argmax(-1)}
+
+    def global_mean(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """`t` (a mean over this process's `n` samples) as the mean over the whole
+        mini-batch under data parallelism; unchanged in one process."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fn = getattr(strategy, "weighted_mean", None)
+        return t if fn is None else fn(t, n)
+
+    def gather_batch(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The whole mini-batch on every process (for state every rank must hold alike, such
+        as memories); unchanged in one process."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fn = getattr(strategy, "gather_batch", None)
+        return tensors if fn is None else tuple(fn(t) for t in tensors)
 
     def _global_sizes(self, local: list[int]) -> list[int]:
         """Mini-batch sizes over all processes (under DDP each holds a share of a batch), so

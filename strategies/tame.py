@@ -300,7 +300,7 @@ class Selector(nn.Module):
 
     def build(self, n_out: int, index: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seeded(self.seed, 7, index))
+            torch.random.default_generator.manual_seed(_seeded(self.seed, 7, index))
             return build_model(self.backbone, self.input_shape, n_out, **self.backbone_args)
 
     def ensure(self, n_out: int, device: torch.device | str = "cpu") -> None:
@@ -665,7 +665,7 @@ class TAME(StreamLearner):
         if d.kind == "spawn" and self.prune_when == "on_spawn":
             self._prune_and_retrain(self.active)
         self._train_step(d.active, x, y)
-        self._remember(x, y, d.active)
+        self._remember(*self.gather_batch(x, y), d.active)  # identical memories on all ranks
         self.active = d.active
         self._record(d)
         return batch.logits[d.active].detach(), d.losses[d.active].detach()
@@ -682,24 +682,15 @@ class TAME(StreamLearner):
         return out
 
     def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        L = self.pool.losses(logits, y)
-        return self._all_reduce_mean(L)
-
-    def _all_reduce_mean(self, L: torch.Tensor) -> torch.Tensor:
-        """Under DDP, every rank decides on the same global-batch losses."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            L = L.clone()
-            torch.distributed.all_reduce(L)
-            L /= torch.distributed.get_world_size()
-        return L
+        # Under DDP every rank decides on the same global-batch losses.
+        return self.global_mean(self.pool.losses(logits, y), len(y))
 
     def _train_step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """One SGD step of expert k only (through `StreamLearner.update`, so update hooks and
         Lightning's backward run as for any learner); pruned weights stay zero."""
         opt = self.optimizers_[k]
         loss = classification_loss(self.pool.experts[k](x), y, self.expert_output)
-        self.update(opt, loss)
+        self.update(opt, loss, n=len(x))
         self.expert_steps[k] += 1
         t = self.expert_steps[k]
         if self.prune_when == "gradual" and t <= self.prune_steps and (

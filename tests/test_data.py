@@ -123,3 +123,19 @@ def test_bad_datamodule_arguments():
         StreamDataModule(st, batches_per_step=0)
     with pytest.raises(ValueError, match="presentation"):
         StreamDataModule(st, presentation="random")
+
+
+def test_anytime_points_do_not_depend_on_batches_per_step(tmp_path):
+    from adaptlab.evaluation import StreamEvaluator
+
+    st = split(batch_size=10, **SMALL)
+    curves = []
+    for k in (1, 7):
+        ev = StreamEvaluator(anytime_every=55, print_table=False, figures=False)
+        fit(Finetune(**learner_kwargs(st, seed=0)), StreamDataModule(st, batches_per_step=k),
+            tmp_path / str(k), evaluator=ev)
+        curves.append(ev.anytime)
+    assert [p for p, _ in curves[0]] == [p for p, _ in curves[1]]
+    assert [p for p, _ in curves[0]][:3] == [60, 110, 170]  # 55, 110, 165 rounded to batches
+    first = curves[0][0][1]  # at 60 only segment 0 has been seen: the rest are not pooled
+    assert first[0] == first[0] and all(a != a for a in first[1:])  # NaN != NaN
