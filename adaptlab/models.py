@@ -105,3 +105,150 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
     if tuple(out.shape) != (2, n_classes):
         raise ValueError(f"backbone {name!r} outputs {tuple(out.shape[1:])}, not ({n_classes},)")
     return model
+
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block; attention returns its (K, V) for prefill/caching."""
+
+    def __init__(self, d_model: int, n_head: int, d_mlp: int) -> None:
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} must be divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp), nn.GELU(), nn.Linear(d_mlp, d_model))
+
+    def forward(self, h: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        t_all = k.shape[2]
+        if past is None:
+            att = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i (absolute position t_all - t + i) sees keys 0 … its own position
+            pos_q = torch.arange(t_all - t, t_all, device=h.device)[:, None]
+            mask = torch.arange(t_all, device=h.device)[None, :] <= pos_q
+            att = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        h = h + self.mlp(self.ln2(h))
+        return h, (k, v)
+
+
+class TinyGPT(nn.Module):
+    """A small causal transformer for synthetic in-context tasks (spec `forgetting.md` §6).
+
+    Learned token and position embeddings, pre-LayerNorm blocks, an output head tied to the
+    token table by default, N(0, `initializer_range`²) init and no dropout. The token table,
+    head and position table are reachable by name (`get_input_embeddings()` …) so forgetting
+    regimes can reset them in place; `prefill` returns every layer's (K, V) for StreamAdapter.
+
+    Args:
+        vocab_size: rows of the token table (and outputs of the head).
+        n_positions: longest sequence (plus cached prefix) the position table covers.
+        n_layer, d_model, n_head, d_mlp: the body (defaults: 4 x 64, 4 heads, MLP 256).
+        tie_head: the head's weight *is* the token table's weight.
+        head_bias: a bias on the head (never reset by forgetting regimes).
+        pad_id: padding row, kept at zero (`nn.Embedding(padding_idx=...)`).
+        d_value: if > 0, a linear map of per-position real-valued inputs added to the token
+            embedding (the `[x; y]` encoding of regression tasks, `stream_adapter.md` §4).
+        initializer_range: std of the normal init (GPT-2's 0.02).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_positions: int = 64,
+        n_layer: int = 4,
+        d_model: int = 64,
+        n_head: int = 4,
+        d_mlp: int = 256,
+        tie_head: bool = True,
+        head_bias: bool = False,
+        pad_id: int | None = None,
+        d_value: int = 0,
+        initializer_range: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2 or n_positions < 1 or n_layer < 1:
+            raise ValueError(
+                f"TinyGPT: vocab_size >= 2, n_positions >= 1 and n_layer >= 1 required, got "
+                f"{vocab_size}, {n_positions}, {n_layer}"
+            )
+        self.vocab_size, self.n_positions, self.d_model = vocab_size, n_positions, d_model
+        self.initializer_range = initializer_range
+        self.tie_head = tie_head
+        self.wte = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.wpe = nn.Embedding(n_positions, d_model)
+        self.value_in = nn.Linear(d_value, d_model) if d_value > 0 else None
+        self.blocks = nn.ModuleList(_Block(d_model, n_head, d_mlp) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=head_bias)
+        self.apply(self._init)
+        if tie_head:
+            self.head.weight = self.wte.weight
+        if pad_id is not None:
+            with torch.no_grad():
+                self.wte.weight[pad_id].zero_()
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, self.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def get_position_embeddings(self) -> nn.Embedding:
+        return self.wpe
+
+    def hidden(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        past_kv: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Final-LayerNorm hidden states (B, T, d) and every layer's full (K, V)."""
+        b, t = tokens.shape
+        start = 0 if past_kv is None else past_kv[0][0].shape[2]
+        if start + t > self.n_positions:
+            raise ValueError(
+                f"TinyGPT: {start + t} positions requested, n_positions is {self.n_positions}"
+            )
+        pos = torch.arange(start, start + t, device=tokens.device)
+        h = self.wte(tokens) + self.wpe(pos)[None]
+        if values is not None:
+            if self.value_in is None:
+                raise ValueError("TinyGPT: values given but the model was built with d_value=0")
+            h = h + self.value_in(values)
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, None if past_kv is None else past_kv[i])
+            kvs.append(kv)
+        return self.ln_f(h), kvs
+
+    def forward(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        past_kv: list[KV] | None = None, return_kv: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
+        """Logits (B, T, V) at every position; with `return_kv`, also per-layer (K, V), each
+        (B, n_head, T_past + T, d_head)."""
+        h, kvs = self.hidden(tokens, values, past_kv)
+        logits = self.head(h)
+        return (logits, kvs) if return_kv else logits
+
+    @torch.no_grad()
+    def prefill(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Run a prefix once: its logits and the per-layer (K, V) to pass as `past_kv`."""
+        return self.forward(tokens, values, return_kv=True)

@@ -32,6 +32,10 @@ class Purpose(IntEnum):
     SUBSAMPLE = 7
     SPLIT = 8
     IID = 9
+    ICL_TRAIN = 10
+    ICL_EVAL = 11
+    ICL_MAP = 12
+    ICL_TASK = 13
 
 
 def rng(seed: int, purpose: Purpose, *key: int) -> np.random.Generator:

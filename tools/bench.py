@@ -186,6 +186,8 @@ def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Cal
         out[f"adaptlab TAME, K={k} experts"] = (
             lambda k=k: adaptlab_run(st, TAME, device, prepare=_with_experts(k), **tame)
         )
+    out["adaptlab TAME, K=20, eval_experts=on_trigger"] = lambda: adaptlab_run(
+        st, TAME, device, prepare=_with_experts(20), eval_experts="on_trigger", **tame)
     return out
 
 

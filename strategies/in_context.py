@@ -1,0 +1,329 @@
+"""`InContextLearner`: trains a `TinyGPT` on in-context sequences (spec `forgetting.md` §6).
+
+The loss is taken at the query position only (the last token), over the label tokens when
+`label_softmax` is set: item rows then get no softmax gradient through the tied head, which
+would otherwise make never-trained holdout rows alike. The token table has its own optimizer
+group, `embedding` (no weight decay, its own lr scale), so forgetting regimes can clear its
+state or schedule its lr without touching the body. Every `eval_every` optimizer steps it
+scores every evaluation set of the stream (`streams.icl.eval_sets_of`) and logs each as its
+own TensorBoard curve: `icl/holdout`, `icl/flip_*` next to `iwl/flip_*`, `iwl/{head,tail}`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adaptlab.jsonio import write_json_atomic
+from adaptlab.learner import StreamLearner
+from adaptlab.models import TinyGPT
+from adaptlab.streams.icl import EvalSet, eval_sets_of, label_block_of
+
+
+def curve_name(set_name: str, field: str) -> str:
+    """TensorBoard tag of an evaluation score: `icl_flip_head`/`alt` -> `iwl/flip_head`."""
+    family, _, rest = set_name.partition("_")
+    if family in ("icl", "iwl"):
+        return f"{'iwl' if field == 'alt' else family}/{rest}"
+    return f"eval/{set_name}_{field}"
+
+
+class InContextLearner(StreamLearner):
+    """A TinyGPT trained with AdamW on the query-position loss; evaluated on ICL/IWL sets.
+
+    Args:
+        n_layer, d_model, n_head, d_mlp, tie_head, initializer_range: the `TinyGPT`
+            (the vocabulary is `n_classes`, the positions `input_shape[0]`, both linked
+            from the stream).
+        lr, betas, weight_decay: AdamW; weight decay on matrices only (never on embeddings).
+        emb_lr_scale: lr multiplier of the `embedding` group.
+        warmup_steps: linear lr warm-up at the start of training.
+        label_softmax: restrict the loss (and predictions) to the label tokens.
+        label_block: `[lo, hi)` of the label tokens; default read from the stream's vocabulary.
+        pad_id: the padding row (default: the last id, as in `streams.icl`).
+        eval_every: optimizer steps between evaluations (and at step 0); 0 disables them.
+        eval_batch_size: sequences per evaluation forward.
+        eval_matched_holdout: also score `icl_holdout` with the holdout rows redrawn from the
+            trained rows' mean and std (`icl/holdout_matched`, spec §5.3).
+        init_from: a checkpoint whose TinyGPT weights start this run (fine-tuning, e.g. with
+            `ProbabilisticEmbeddingForgetting`); optimizer and counters start fresh.
+        **kwargs: `StreamLearner` arguments (shapes, batch size, seed).
+    """
+
+    def __init__(
+        self,
+        *,
+        n_layer: int = 4,
+        d_model: int = 64,
+        n_head: int = 4,
+        d_mlp: int = 256,
+        tie_head: bool = True,
+        initializer_range: float = 0.02,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.98),
+        weight_decay: float = 0.01,
+        emb_lr_scale: float = 1.0,
+        warmup_steps: int = 200,
+        label_softmax: bool = True,
+        label_block: Sequence[int] | None = None,
+        pad_id: int | None = None,
+        eval_every: int = 500,
+        eval_batch_size: int = 1024,
+        eval_matched_holdout: bool = True,
+        init_from: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if lr <= 0 or emb_lr_scale < 0 or warmup_steps < 0 or eval_every < 0:
+            raise ValueError("lr > 0, emb_lr_scale >= 0, warmup_steps >= 0, eval_every >= 0")
+        if len(self.input_shape) != 1:
+            raise ValueError(
+                f"input_shape: token sequences are 1-D, got {self.input_shape}; use an "
+                "in-context stream (adaptlab.streams.icl.BurstyTokenStream)"
+            )
+        vocab = self.n_classes
+        self.pad_id = vocab - 1 if pad_id is None else pad_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = TinyGPT(
+                vocab, n_positions=self.input_shape[0], n_layer=n_layer, d_model=d_model,
+                n_head=n_head, d_mlp=d_mlp, tie_head=tie_head, pad_id=self.pad_id,
+                initializer_range=initializer_range,
+            )
+        if init_from:
+            self._load_weights(init_from)
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.emb_lr_scale, self.warmup_steps = emb_lr_scale, warmup_steps
+        self.label_softmax = label_softmax
+        self.label_block: tuple[int, int] | None = tuple(label_block) if label_block else None
+        self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
+        self.eval_matched_holdout = eval_matched_holdout
+        self.eval_sets: dict[str, EvalSet] | None = None
+        self.vocab_groups: dict[str, list[int]] = {}
+        self.curves: list[dict[str, float]] = []
+        self._last_loss: torch.Tensor | None = None
+
+    def _load_weights(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"init_from: no checkpoint at {path!r}")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(own)
+        except RuntimeError as err:
+            raise ValueError(f"init_from: {path!r} does not fit this TinyGPT "
+                             f"({str(err).splitlines()[0]})") from None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        stream = getattr(dm, "stream", None)
+        if stream is not None:
+            if self.label_block is None:
+                self.label_block = label_block_of(stream)
+            if self.eval_sets is None:
+                self.eval_sets = eval_sets_of(stream)
+            vocab = stream.params.get("vocab") if isinstance(stream.params, dict) else None
+            self.vocab_groups = dict(vocab or {})
+        if self.label_block is None:
+            self.label_block = (0, self.n_classes)
+        lo, hi = self.label_block
+        if not 0 <= lo < hi <= self.n_classes:
+            raise ValueError(f"label_block: [{lo}, {hi}) is outside the vocabulary "
+                             f"[0, {self.n_classes})")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        emb = self.model.get_input_embeddings().weight
+        pos = self.model.get_position_embeddings().weight
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p is emb:
+                continue
+            (decay if p.ndim >= 2 and p is not pos else no_decay).append(p)
+        groups = [
+            {"name": "embedding", "params": [emb], "weight_decay": 0.0,
+             "base_lr": self.lr * self.emb_lr_scale},
+            {"name": "decay", "params": decay, "weight_decay": self.weight_decay,
+             "base_lr": self.lr},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "base_lr": self.lr},
+        ]
+        for g in groups:
+            g["lr"], g["managed_lr"] = g["base_lr"], True
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+
+    def _set_lrs(self, optimizer: Any) -> None:
+        """lr = base_lr x warm-up x `lr_factor` (a forgetting regime's episode schedule)."""
+        warm = min(1.0, (self.update_steps + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * warm * g.get("lr_factor", 1.0)
+
+    # -- the contract -------------------------------------------------------------------------
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits at the query (last) position."""
+        return self.model(x)[:, -1]
+
+    def _restricted(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.label_softmax:
+            return logits
+        lo, hi = self.label_block
+        out = torch.full_like(logits, float("-inf"))
+        out[:, lo:hi] = logits[:, lo:hi]
+        return out
+
+    def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.label_softmax:
+            lo, hi = self.label_block
+            return F.cross_entropy(logits[:, lo:hi], y - lo)
+        return F.cross_entropy(logits, y)
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.query_logits(x)
+        loss = self.loss_fn(logits, y)
+        opt = self.optimizers()
+        self._set_lrs(opt.optimizer if hasattr(opt, "optimizer") else opt)
+        self.update(opt, loss)
+        self._last_loss = loss.detach()
+        return self._restricted(logits.detach()), loss.detach()
+
+    @property
+    def last_loss(self) -> torch.Tensor | None:
+        """The latest training loss (pre-update), for callbacks such as a shift detector."""
+        return self._last_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._restricted(self.query_logits(x))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _logits_of(self, es: EvalSet) -> torch.Tensor:
+        return torch.cat([self.query_logits(es.x[s:s + self.eval_batch_size].to(self.device))
+                          for s in range(0, len(es), self.eval_batch_size)])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Scores of every evaluation set (no training state changes)."""
+        if not self.eval_sets:
+            return {}
+        was = self.training
+        self.eval()
+        out: dict[str, float] = {}
+        for name, es in self.eval_sets.items():
+            logits = self._logits_of(es)
+            if name.startswith("train_"):
+                out[f"loss/{name[6:]}"] = float(self.loss_fn(logits, es.target.to(self.device)))
+                out[f"eval/{name}_acc"] = es.score(logits, self.label_block)["acc"]
+                continue
+            for field, val in es.score(logits, self.label_block).items():
+                out[curve_name(name, field)] = val
+            if name.startswith("icl_holdout") and self.eval_matched_holdout:
+                out[curve_name(name.replace("holdout", "holdout_matched"), "acc")] = (
+                    self._matched_holdout_score(es))
+        self.train(was)
+        return out
+
+    def _matched_holdout_score(self, es: EvalSet) -> float:
+        """`icl_holdout` with holdout rows redrawn from N(mean, std) of the trained rows."""
+        items, hold = self.vocab_groups.get("items"), self.vocab_groups.get("holdout")
+        if not items or not hold:
+            return float("nan")
+        w = self.model.get_input_embeddings().weight
+        trained = w[items[0]:items[1]].float()
+        saved = w[hold[0]:hold[1]].clone()
+        g = torch.Generator().manual_seed(self.seed + 7)
+        draw = torch.randn(hold[1] - hold[0], w.shape[1], generator=g)
+        w[hold[0]:hold[1]] = (trained.mean(0).cpu() + trained.std().cpu() * draw).to(w)
+        try:
+            return es.score(self._logits_of(es), self.label_block)["acc"]
+        finally:
+            w[hold[0]:hold[1]] = saved
+
+    def _evaluate_and_log(self) -> None:
+        vals = self.evaluate()
+        if not vals:
+            return
+        step = self.update_steps
+        if self.curves and self.curves[-1]["step"] == step:
+            return
+        self.curves.append({"step": step, **vals})
+        if self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_metrics({k: v for k, v in vals.items() if math.isfinite(v)}, step=step)
+
+    def on_train_start(self) -> None:
+        if self.eval_every and self.update_steps == 0:
+            self._evaluate_and_log()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.update_steps
+        log_every = max(1, self.trainer.log_every_n_steps)
+        if self._last_loss is not None and batch_idx % log_every == 0 and self.logger:
+            self.logger.log_metrics({"train/loss": float(self._last_loss)}, step=step)
+        # a chunk of several updates may step over a multiple of eval_every: evaluate once
+        last = self.curves[-1]["step"] if self.curves else -1
+        if self.eval_every and step // self.eval_every > last // self.eval_every:
+            self._evaluate_and_log()
+
+    def on_train_end(self) -> None:
+        if self.eval_every and (not self.curves or self.curves[-1]["step"] != self.update_steps):
+            self._evaluate_and_log()
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        if log_dir and self.trainer.is_global_zero and self.curves:
+            os.makedirs(log_dir, exist_ok=True)
+            write_json_atomic(os.path.join(log_dir, "icl_curves.json"),
+                              {"curves": self.curves, "hparams": dict(self.hparams)})
+            self._log_figure()
+
+    def _log_figure(self) -> None:
+        """The `icl_iwl_curves` figure, with reset/re-arm markers of a forgetting callback."""
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_figure"):
+            return
+        from adaptlab.figures import plt
+
+        marks = next((cb for cb in self.trainer.callbacks if hasattr(cb, "reset_steps")), None)
+        fig = icl_iwl_figure(self.curves, marks)
+        exp.add_figure("icl_iwl_curves", fig, global_step=self.update_steps)
+        plt.close(fig)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"curves": self.curves}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.curves = list(state.get("curves", []))
+
+
+CURVES = ("icl/holdout", "icl/holdout_matched", "icl/flip_head", "iwl/flip_head", "iwl/head",
+          "iwl/tail")
+
+
+def icl_iwl_figure(curves: list[dict[str, float]], marks: Any = None, title: str = "") -> Any:
+    """ICL/IWL curves against steps; grey lines at resets, red at re-arms, [0, N) shaded."""
+    from adaptlab.figures import plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    steps = [c["step"] for c in curves]
+    for tag in CURVES:
+        if curves and tag in curves[0]:
+            ax.plot(steps, [c.get(tag, float("nan")) for c in curves], label=tag)
+    if marks is not None:
+        for s in getattr(marks, "reset_steps", []):
+            ax.axvline(s, color="grey", lw=0.5, alpha=0.5)
+        for s in getattr(marks, "rearm_steps", []):
+            ax.axvline(s, color="red", lw=0.8)
+        window = getattr(marks, "window", None)
+        if callable(window) and window() is not None:
+            ax.axvspan(0, window(), color="grey", alpha=0.08)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("accuracy")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

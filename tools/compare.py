@@ -1,0 +1,482 @@
+"""Compare adaptlab and Avalanche continual learners on one stream: one command, one table.
+
+    python tools/compare.py --stream split --seeds 0 1 2
+    python tools/compare.py --stream permuted --n-segments 10 --seeds 0 1 2
+
+For every seed s it builds the stream once (stream seed s, learner seed s) and runs, in this
+process:
+- adaptlab `Finetune`, `Replay` (reservoir memory M, task-free) and `Joint` (the i.i.d. upper
+  bound) through a Lightning Trainer with the `StreamEvaluator`, `--repeats` passes per segment;
+- adaptlab `TAME` through the same Trainer, on the same data with the protocol of
+  `configs/tame/<stream>_digits.yaml` (read here, so its settings live in one place): on
+  Split `labels: local`, and its class-incremental accuracy (`final.learner.acc_class_il`,
+  right expert and right label) is the number compared with the baselines' `acc_final`;
+- where Avalanche is importable, Avalanche's `Naive`, `Replay` (M), `EWC`, `LwF`, `GDumb` (M)
+  and `ER_ACE` (M), boundary-aware, in Avalanche's own training loop on
+  `stream_to_avalanche(...)` of the same samples (one pass per experience, `train_epochs` =
+  passes), with `segment_matrix_metrics` writing the same `metrics.json`.
+
+Every baseline has the same MLP (64-`--hidden`-C, the same seeded initialisation) and SGD
+settings. Each run writes `metrics.json` and `run.json` under
+`--out/<stream>/seed<s>/<method>/`; compare.py adds a `compare` block (method label, wall
+seconds of the run, settings) to `run.json`. The table is then built only from those files
+(`--table-only` rebuilds it from an earlier run) and is printed as Markdown and written to
+`--out/<stream>/table.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NATIVE = ["Finetune", "Replay", "Joint", "TAME"]
+AVALANCHE = ["Naive", "Replay", "EWC", "LwF", "GDumb", "ER_ACE"]
+LABELS = {"ER_ACE": "ER-ACE"}
+
+
+def avalanche_available() -> bool:
+    try:
+        importlib.import_module("avalanche.training.supervised")
+    except ImportError:
+        return False
+    return True
+
+
+def method_key(name: str) -> tuple[str, str]:
+    """`Finetune` -> ("adaptlab", "Finetune"); `av:Replay` -> ("avalanche", "Replay")."""
+    if name.startswith("av:"):
+        strat = name[3:]
+        if strat not in AVALANCHE:
+            raise SystemExit(f"--methods: unknown Avalanche strategy {strat!r} ({AVALANCHE})")
+        return "avalanche", strat
+    if name not in NATIVE:
+        raise SystemExit(f"--methods: unknown method {name!r} (adaptlab: {NATIVE}; "
+                         f"Avalanche: {['av:' + a for a in AVALANCHE]})")
+    return "adaptlab", name
+
+
+def label_of(backend: str, name: str) -> str:
+    return f"{'adaptlab' if backend == 'adaptlab' else 'Avalanche'} {LABELS.get(name, name)}"
+
+
+def slug(backend: str, name: str) -> str:
+    return f"{backend}_{name}"
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def tame_config(stream: str) -> dict[str, Any]:
+    """TAME's learner and stream settings from configs/tame/<stream>_digits.yaml."""
+    import yaml
+
+    path = ROOT / "configs" / "tame" / f"{stream}_digits.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    return {
+        "path": str(path.relative_to(ROOT)),
+        "model": dict(cfg["model"]["init_args"]),
+        "stream_class": cfg["data"]["stream"]["class_path"],
+        "stream": dict(cfg["data"]["stream"]["init_args"]),
+        "batches_per_step": int(cfg["data"].get("batches_per_step", 50)),
+    }
+
+
+def stream_params(args: argparse.Namespace, tcfg: dict[str, Any], seed: int, *,
+                  tame: bool = False, repeats: int | None = None) -> dict[str, Any]:
+    """The stream's parameters: TAME's config stream, with the baselines' labels and passes
+    where `tame` is false; `seed`, `--n-segments` and `--max-samples-per-segment` for all."""
+    p = dict(tcfg["stream"])
+    p["seed"] = seed
+    if args.stream == "permuted":
+        p["n_segments"] = args.n_segments
+    if args.max_samples_per_segment is not None:
+        p["max_samples_per_segment"] = args.max_samples_per_segment
+        p["test_samples_per_segment"] = args.max_samples_per_segment
+    if tame:
+        if args.tame_repeats is not None:
+            p["repeats"] = args.tame_repeats
+    else:
+        if "labels" in p:
+            p["labels"] = "global"  # class-incremental baselines
+        p["repeats"] = args.repeats
+    if repeats is not None:
+        p["repeats"] = repeats
+    return p
+
+
+def build_stream(tcfg: dict[str, Any], params: dict[str, Any]):
+    module, cls = tcfg["stream_class"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**params).build()
+
+
+def mlp(stream, hidden: int, seed: int) -> torch.nn.Module:
+    """The baselines' backbone, initialised as `StreamLearner.build_backbone` does."""
+    from adaptlab.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003)
+        return build_model("mlp", stream.input_shape, stream.n_classes, hidden=(hidden,))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _annotate(run_dir: Path, info: dict[str, Any]) -> None:
+    """Add the `compare` block to run.json (metrics.json stays as the evaluator wrote it)."""
+    from adaptlab.jsonio import to_jsonable, write_json_atomic
+
+    path = run_dir / "run.json"
+    run = json.loads(path.read_text()) if path.exists() else {}
+    run["compare"] = info
+    write_json_atomic(str(path), to_jsonable(run))
+
+
+def run_native(name: str, stream, seed: int, run_dir: Path, args: argparse.Namespace,
+               tcfg: dict[str, Any]) -> float:
+    import pytorch_lightning as pl
+
+    from adaptlab import strategies
+    from adaptlab.data import StreamDataModule
+    from adaptlab.evaluation import StreamEvaluator
+
+    pl.seed_everything(seed, verbose=False)
+    kw = {"input_shape": stream.input_shape, "n_classes": stream.n_classes,
+          "batch_size": stream.batch_size, "seed": seed}
+    if name == "TAME":
+        learner = strategies.TAME(**{**tcfg["model"], **kw})
+        batches_per_step = tcfg["batches_per_step"]
+    else:
+        extra = {"memory_size": args.memory} if name == "Replay" else {}
+        learner = getattr(strategies, name)(
+            backbone="mlp", backbone_args={"hidden": [args.hidden]}, optimizer="sgd",
+            lr=args.lr, **extra, **kw)
+        batches_per_step = 50
+    ev = StreamEvaluator(print_table=False, figures=False)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[ev], accelerator="cpu",
+                         default_root_dir=str(run_dir))
+    dm = StreamDataModule(stream, batches_per_step=batches_per_step, eval_batch_size=1024)
+    t = time.perf_counter()
+    trainer.fit(learner, datamodule=dm)
+    return time.perf_counter() - t
+
+
+def avalanche_kwargs(name: str, args: argparse.Namespace, batch_size: int) -> dict[str, Any]:
+    return {"Naive": {}, "Replay": {"mem_size": args.memory},
+            "EWC": {"ewc_lambda": args.ewc_lambda, "mode": "separate"},
+            "LwF": {"alpha": args.lwf_alpha, "temperature": args.lwf_temperature},
+            "GDumb": {"mem_size": args.memory},
+            "ER_ACE": {"mem_size": args.memory, "batch_size_mem": batch_size}}[name]
+
+
+# Replay's loader draws its memory batches in the loader's order and GDumb trains on its
+# class-grouped memory only, so these two shuffle (seeded); the others keep the stream order.
+AVALANCHE_SHUFFLE = {"Replay", "GDumb"}
+
+
+def run_avalanche(name: str, stream, passes: int, seed: int, run_dir: Path,
+                  args: argparse.Namespace) -> float:
+    import pytorch_lightning as pl
+    from avalanche.training import supervised
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from adaptlab.avalanche import segment_matrix_metrics, stream_to_avalanche
+
+    bm = stream_to_avalanche(stream)
+    pl.seed_everything(seed, verbose=False)
+    model = mlp(stream, args.hidden, seed)
+    seg = segment_matrix_metrics(stream=stream, log_dir=str(run_dir))
+    strat = getattr(supervised, name)(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr),
+        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=stream.batch_size,
+        train_epochs=passes, eval_mb_size=1024, device="cpu",
+        evaluator=EvaluationPlugin(seg, loggers=[]),
+        **avalanche_kwargs(name, args, stream.batch_size))
+    shuffle = name in AVALANCHE_SHUFFLE
+    t = time.perf_counter()
+    strat.eval(bm.test_stream)  # the init row, as the native evaluator's init_eval
+    for exp in bm.train_stream:
+        strat.train(exp, shuffle=shuffle, num_workers=0)
+        strat.eval(bm.test_stream)
+    return time.perf_counter() - t
+
+
+def run_all(args: argparse.Namespace, methods: list[tuple[str, str]]) -> list[Path]:
+    tcfg = tame_config(args.stream)
+    base = Path(args.out) / args.stream
+    dirs = []
+    streams: dict[tuple[int, str], Any] = {}
+
+    def get(seed: int, key: str, params: dict[str, Any]):
+        if (seed, key) not in streams:
+            streams[seed, key] = build_stream(tcfg, params)
+        return streams[seed, key]
+
+    for seed in args.seeds:
+        for backend, name in methods:
+            run_dir = base / f"seed{seed}" / slug(backend, name)
+            shutil.rmtree(run_dir, ignore_errors=True)  # no stale files from an older run
+            run_dir.mkdir(parents=True)
+            if backend == "adaptlab":
+                tame = name == "TAME"
+                params = stream_params(args, tcfg, seed, tame=tame)
+                stream = get(seed, "tame" if tame else "baseline", params)
+                secs = run_native(name, stream, seed, run_dir, args, tcfg)
+                settings: dict[str, Any] = {"passes": params["repeats"]}
+                if tame:
+                    settings["config"] = tcfg["path"]
+                else:
+                    settings |= {"hidden": args.hidden, "lr": args.lr}
+                    if name == "Replay":
+                        settings["memory"] = args.memory
+            else:
+                # One pass per experience; Avalanche repeats it as `train_epochs` = passes, so
+                # memories hold distinct samples (the stream's passes repeat the same order).
+                params = stream_params(args, tcfg, seed, repeats=1)
+                stream = get(seed, "avalanche", params)
+                secs = run_avalanche(name, stream, args.repeats, seed, run_dir, args)
+                settings = {"passes": args.repeats, "train_epochs": args.repeats,
+                            "hidden": args.hidden, "lr": args.lr,
+                            "shuffle": name in AVALANCHE_SHUFFLE,
+                            **avalanche_kwargs(name, args, stream.batch_size)}
+            _annotate(run_dir, {"method": label_of(backend, name), "backend": backend,
+                                "name": name, "seed": seed, "wall_s": secs,
+                                "stream_params": params, "settings": settings})
+            print(f"[compare] {args.stream} seed {seed} {label_of(backend, name)}: "
+                  f"{secs:.1f} s", file=sys.stderr, flush=True)
+            dirs.append(run_dir)
+    return dirs
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The values of one row, from metrics.json and run.json only."""
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    info = run.get("compare", {})
+    final = doc["final"]
+    learner = final.get("learner") or {}
+    kind = doc["stream"]["kind"]
+    is_tame = learner.get("n_experts") is not None
+    if is_tame:
+        acc, within = learner.get("acc_class_il"), learner.get("acc_within_task")
+    else:
+        acc = final.get("acc_final")
+        # Permuted: every segment has the same label set, so within-task is acc_final.
+        # Split with global labels: it would need outputs masked to the segment's classes,
+        # which metrics.json does not hold.
+        within = acc if kind == "permuted" else None
+    wall = info.get("wall_s")
+    if wall is None and run.get("started_at") and run.get("finished_at"):
+        from datetime import datetime
+
+        wall = (datetime.fromisoformat(run["finished_at"])
+                - datetime.fromisoformat(run["started_at"])).total_seconds()
+    backend = doc["backend"]
+    method = info.get("method") or (
+        f"Avalanche {backend.split(':', 1)[1]}" if backend.startswith("avalanche")
+        else f"adaptlab {run.get('learner', '?')}")
+    return {
+        "method": method, "seed": info.get("seed", run.get("seed")), "status": doc["status"],
+        "acc": acc, "within": within, "forgetting": final.get("forgetting_chaudhry"),
+        "experts": learner.get("n_experts"), "params": final.get("params_nonzero"),
+        "params_total": final.get("params_total"), "wall": wall,
+        "selector": learner.get("selector_acc"),
+        "detection": (doc.get("shift_detection") or {}).get("report"),
+        "stream": doc["stream"], "info": info,
+    }
+
+
+def _mean_std(values: list[Any], fmt: str) -> str:
+    vals = [float(v) for v in values if v is not None]
+    if not vals or len(vals) < len(values):
+        return "—"
+    mean = statistics.fmean(vals)
+    if len(vals) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(vals), fmt)}"
+
+
+def build_table(run_dirs: list[Path], args: argparse.Namespace) -> str:
+    rows = [read_run(d) for d in run_dirs]
+    order: list[str] = []
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["method"] not in by_method:
+            order.append(r["method"])
+        by_method.setdefault(r["method"], []).append(r)
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    lines = [caption(rows, seeds, args), "",
+             "| method | final avg acc (class-IL) | within-task acc | forgetting (Chaudhry) "
+             "| experts | non-zero params | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in order:
+        rs = by_method[m]
+        bad = [r["status"] for r in rs if r["status"] != "completed"]
+        name = m + (f" ({', '.join(sorted(set(bad)))})" if bad else "")
+        lines.append(
+            f"| {name} | {_mean_std([r['acc'] for r in rs], '.3f')} "
+            f"| {_mean_std([r['within'] for r in rs], '.3f')} "
+            f"| {_mean_std([r['forgetting'] for r in rs], '.3f')} "
+            f"| {_mean_std([r['experts'] for r in rs], '.1f')} "
+            f"| {_mean_std([r['params'] for r in rs], ',.0f')} "
+            f"| {_mean_std([r['wall'] for r in rs], '.1f')} |")
+    tame = [r for r in rows if r["experts"] is not None]
+    if tame:
+        lines += ["", tame_notes(tame)]
+    return "\n".join(lines)
+
+
+def caption(rows: list[dict[str, Any]], seeds: list[int], args: argparse.Namespace) -> str:
+    st = rows[0]["stream"]
+    base = next((r for r in rows if r["info"].get("backend") == "adaptlab"
+                 and r["experts"] is None), rows[0])
+    n_seg = len(st["segments"])
+    parts = [f"**{st['name']}** ({st['kind']}, {n_seg} segments, batch {st['batch_size']}), "
+             f"seeds {', '.join(map(str, seeds))}; mean ± sample std over seeds. "
+             f"Finals are fractions; forgetting is Chaudhry's (max earlier row − last row, "
+             f"over segments before the last); wall time is the run's own loop "
+             f"(evaluations included), {torch.get_num_threads()} torch thread(s)."]
+    s = base["info"].get("settings", {})
+    if s.get("hidden") is not None:
+        parts.append(f"Baselines: MLP 64-{s['hidden']}-{st.get('n_classes', 'C')}, the same "
+                     f"seeded initialisation, SGD lr {s['lr']} (no momentum), "
+                     f"{s['passes']} passes per segment, memory M = "
+                     f"{args.memory if args is not None else '?'} samples.")
+    av = [r for r in rows if r["info"].get("backend") == "avalanche"]
+    if av:
+        hp = {}
+        for r in av:
+            hp[r["info"]["name"]] = r["info"].get("settings", {})
+        bits = []
+        for name, st_ in hp.items():
+            extra = {k: v for k, v in st_.items() if k not in (
+                "passes", "train_epochs", "hidden", "lr", "shuffle")}
+            shown = ", ".join(f"{k} {v}" for k, v in extra.items())
+            bits.append(LABELS.get(name, name) + (f" ({shown})" if shown else "")
+                        + (", shuffled" if st_.get("shuffle") else ""))
+        epochs = next(iter(hp.values())).get("train_epochs")
+        parts.append(
+            "Avalanche 0.6 strategies are boundary-aware (they are told where experiences "
+            "end) and run in Avalanche's own loop on `stream_to_avalanche` of the same "
+            f"samples, one experience per segment, train_epochs = passes = {epochs}, "
+            "train_mb_size = batch, same backbone and lr: " + "; ".join(bits) + ".")
+    tame = [r for r in rows if r["experts"] is not None]
+    if tame:
+        info = tame[0]["info"]
+        sp = info.get("stream_params", {})
+        parts.append(
+            f"TAME: task-free, settings from `{info.get('settings', {}).get('config', '?')}` "
+            f"({sp.get('repeats', '?')} passes per segment"
+            + (f", labels {sp['labels']}" if "labels" in sp else "")
+            + "); its first column is `acc_class_il` (routed to the right expert *and* right "
+            "label), its second `acc_within_task` (label right, expert as routed); "
+            "forgetting is over its own accuracy matrix.")
+    if st["kind"] == "split":
+        parts.append("Within-task accuracy of the class-IL baselines is not in their "
+                     "metrics.json (it needs outputs masked to the segment's classes): —.")
+    elif st["kind"] == "permuted":
+        parts.append("On Permuted every segment has the same label set, so a baseline's "
+                     "within-task accuracy is its final accuracy.")
+    return " ".join(parts)
+
+
+def tame_notes(tame: list[dict[str, Any]]) -> str:
+    sel = _mean_std([r["selector"] for r in tame], ".3f")
+    det = [r["detection"] or {} for r in tame]
+    fa = [d.get("false_alarms") for d in det]
+    missed = [d.get("missed_detections") for d in det]
+    delay = [None if d.get("detection_delay") is None else d["detection_delay"]
+             / r["stream"]["batch_size"] for d, r in zip(det, tame)]
+    return (f"TAME: selector accuracy {sel}; shift detection: delay {_mean_std(delay, '.2f')} "
+            f"batches, false alarms {_mean_std(fa, '.1f')}, missed {_mean_std(missed, '.1f')}; "
+            f"dense parameters {_mean_std([r['params_total'] for r in tame], ',.0f')}.")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stream", choices=["split", "permuted"], default="split")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--n-segments", type=int, default=10, help="Permuted: segments")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="passes per segment for the baselines (Avalanche: train_epochs)")
+    ap.add_argument("--tame-repeats", type=int, default=None,
+                    help="TAME's passes per segment (default: its config's)")
+    ap.add_argument("--memory", type=int, default=500, help="replay memory M (samples)")
+    ap.add_argument("--hidden", type=int, default=128, help="baseline MLP hidden width")
+    ap.add_argument("--lr", type=float, default=0.05, help="baseline SGD learning rate")
+    ap.add_argument("--ewc-lambda", type=float, default=100.0)
+    ap.add_argument("--lwf-alpha", type=float, default=1.0)
+    ap.add_argument("--lwf-temperature", type=float, default=2.0)
+    ap.add_argument("--max-samples-per-segment", type=int, default=None,
+                    help="subsample each segment's train and test sets (smoke tests)")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help=f"subset: {NATIVE} and av:<{'|'.join(AVALANCHE)}> "
+                         "(default: all; Avalanche ones where it is installed)")
+    ap.add_argument("--out", default="/tmp/adaptlab_compare")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table-only", action="store_true",
+                    help="rebuild the table from the files of an earlier run")
+    args = ap.parse_args(argv)
+    threads, show = torch.get_num_threads(), warnings.showwarning
+    torch.set_num_threads(args.threads)
+    warnings.showwarning = lambda *a, **k: None  # Avalanche re-enables its deprecations
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+        warnings.showwarning = show
+
+
+def _main(args: argparse.Namespace) -> str:
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    if args.methods is None:
+        names = NATIVE + (["av:" + a for a in AVALANCHE] if avalanche_available() else [])
+    else:
+        names = args.methods
+    methods = [method_key(n) for n in names]
+    if any(b == "avalanche" for b, _ in methods) and not avalanche_available():
+        print("[compare] Avalanche is not installed: skipping its strategies", file=sys.stderr)
+        methods = [m for m in methods if m[0] != "avalanche"]
+
+    base = Path(args.out) / args.stream
+    if args.table_only:
+        dirs = [base / f"seed{s}" / slug(b, n) for s in args.seeds for b, n in methods]
+        dirs = [d for d in dirs if (d / "metrics.json").exists()]
+        if not dirs:
+            raise SystemExit(f"no metrics.json under {base}")
+    else:
+        t = time.perf_counter()
+        dirs = run_all(args, methods)
+        print(f"[compare] all runs: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    text = build_table(dirs, args)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "table.md").write_text(text + "\n")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
