@@ -247,6 +247,15 @@ class StreamLearner(pl.LightningModule):
         fn = getattr(strategy, "gather_batch", None)
         return tensors if fn is None else tuple(fn(t) for t in tensors)
 
+    def local_share(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This process's contiguous part of tensors every process holds alike (the inverse
+        of `gather_batch`); unchanged in one process."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return tensors
+        world, rank = trainer.world_size, trainer.global_rank
+        return tuple(t.tensor_split(world)[rank] for t in tensors)
+
     def _global_sizes(self, local: list[int]) -> list[int]:
         """Mini-batch sizes over all processes (under DDP each holds a share of a batch), so
         `batch_position` counts stream samples: what task-free detectors report against."""

@@ -44,12 +44,15 @@ class Finetune(StreamLearner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits on the batch and the loss to minimise (Replay adds memory samples here)."""
+    def training_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Logits on the batch, the loss to minimise and how many samples it averages
+        (Replay adds memory samples here)."""
         logits = self.model(x)
-        return logits, F.cross_entropy(logits, y)
+        return logits, F.cross_entropy(logits, y), len(x)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, loss = self.training_loss(x, y)
-        self.update(self.optimizers(), loss, n=len(x))
+        logits, loss, n = self.training_loss(x, y)
+        self.update(self.optimizers(), loss, n=n)
         return logits.detach(), loss.detach()

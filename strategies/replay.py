@@ -31,14 +31,18 @@ class Replay(Finetune):
         self.replay_batch_size = replay_batch_size or self.batch_size
         self.memory = ReservoirBuffer(memory_size, self.input_shape, seed=self.seed)
 
-    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         n = len(x)
         if len(self.memory):
-            mx, my = self.memory.sample(self.replay_batch_size)
+            # Every process holds the same memory and generator: each takes its share of one
+            # replay draw, so data parallelism replays exactly what one process would.
+            mx, my = self.local_share(*self.memory.sample(self.replay_batch_size))
             out = self.model(torch.cat([x, mx]))
             loss = F.cross_entropy(out, torch.cat([y, my]))
         else:
             out = self.model(x)
             loss = F.cross_entropy(out, y)
-        self.memory.add(x, y)
-        return out[:n], loss
+        self.memory.add(*self.gather_batch(x, y))
+        return out[:n], loss, len(out)

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 S = "--data.stream.init_args."
 
 
-def _run(tmp: Path, name: str, *extra: str) -> dict:
+def _run(tmp: Path, name: str, strategy: str, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "adaptlab.cli", "fit",
-           "--config", str(ROOT / "configs/finetune/split_digits.yaml"),
+           "--config", str(ROOT / f"configs/{strategy}/split_digits.yaml"),
            f"{S}max_samples_per_segment", "60", f"{S}test_samples_per_segment", "30",
            f"{S}repeats", "2", "--progress_bar.refresh_rate", "0",
            "--trainer.accelerator", "cpu",
@@ -28,9 +30,11 @@ def _run(tmp: Path, name: str, *extra: str) -> dict:
     return json.loads(docs[0].read_text())
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    one = _run(tmp_path, "one")
-    two = _run(tmp_path, "two", "--trainer.strategy", "ddp", "--trainer.devices", "2")
+@pytest.mark.parametrize("strategy", ["finetune", "replay"])
+def test_two_process_ddp_matches_one_process(tmp_path, strategy):
+    """Replay too: every process holds the same memory and replays its share of one draw."""
+    one = _run(tmp_path, "one", strategy)
+    two = _run(tmp_path, "two", strategy, "--trainer.strategy", "ddp", "--trainer.devices", "2")
     r1 = one["accuracy_matrix"]["rows"]
     r2 = two["accuracy_matrix"]["rows"]
     assert [r["position"] for r in r1] == [r["position"] for r in r2]
