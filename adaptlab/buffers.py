@@ -13,14 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .streams.core import require_positive
+
 
 class ReservoirBuffer(nn.Module):
     """Fixed-capacity uniform memory of `(x, y)` pairs; state lives in the module state_dict."""
 
     def __init__(self, capacity: int, input_shape: Sequence[int], seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"memory_size: must be a positive integer, got {capacity!r}")
+        require_positive("memory_size", capacity)
         self.capacity = capacity
         self.register_buffer("x", torch.zeros(capacity, *input_shape))
         self.register_buffer("y", torch.zeros(capacity, dtype=torch.int64))

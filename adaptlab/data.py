@@ -17,6 +17,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from .streams import Stream, StreamBuilder
+from .streams.core import require_positive
 
 
 class ChunkDataset(Dataset):
@@ -121,14 +122,8 @@ class StreamDataModule(pl.LightningDataModule):
         device_cache: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(batches_per_step, int) or batches_per_step < 1:
-            raise ValueError(
-                f"batches_per_step: must be a positive integer, got {batches_per_step!r}"
-            )
-        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-            raise ValueError(
-                f"eval_batch_size: must be a positive integer, got {eval_batch_size!r}"
-            )
+        require_positive("batches_per_step", batches_per_step)
+        require_positive("eval_batch_size", eval_batch_size)
         if presentation not in (None, "stream", "iid"):
             raise ValueError(f"presentation: {presentation!r} is not 'stream' or 'iid'")
         self.config = stream

@@ -25,6 +25,7 @@ from . import __version__, figures, metrics
 from .jsonio import to_jsonable, write_json_atomic
 from .learner import StreamLearner
 from .streams import Stream
+from .streams.core import require_positive
 
 
 def _now() -> str:
@@ -57,14 +58,11 @@ class StreamEvaluator(pl.Callback):
         figures: bool = True,
         print_table: bool = True,
     ) -> None:
-        if window < 1:
-            raise ValueError(f"evaluator.window: must be >= 1, got {window!r}")
-        if anytime_every is not None and anytime_every < 1:
-            raise ValueError(f"evaluator.anytime_every: must be >= 1, got {anytime_every!r}")
+        require_positive("evaluator.window", window)
+        require_positive("evaluator.anytime_every", anytime_every, allow_none=True)
         self.init_eval = init_eval
         self.window = window
-        if log_every < 1:
-            raise ValueError(f"evaluator.log_every: must be >= 1, got {log_every!r}")
+        require_positive("evaluator.log_every", log_every)
         self.log_every = log_every
         self.anytime_every = anytime_every
         self.tolerance = tolerance

@@ -23,6 +23,7 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 from torch import nn
 
 from .models import build_model
+from .streams.core import require_positive
 
 UpdateHook = Callable[[int], None]
 
@@ -71,8 +72,7 @@ class StreamLearner(pl.LightningModule):
                 "input_shape and n_classes: required (the CLI links them from the stream; "
                 "in Python pass e.g. input_shape=stream.input_shape, n_classes=stream.n_classes)"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+        require_positive("batch_size", batch_size)
         self.automatic_optimization = False
         self.input_shape = tuple(int(s) for s in input_shape)
         self.n_classes = int(n_classes)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptlab.buffers import ReservoirBuffer
+from adaptlab.streams.core import require_positive
 
 from .finetune import Finetune
 
@@ -26,8 +27,7 @@ class Replay(Finetune):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(f"replay_batch_size: must be >= 1, got {replay_batch_size!r}")
+        require_positive("replay_batch_size", replay_batch_size, allow_none=True)
         self.replay_batch_size = replay_batch_size or self.batch_size
         self.memory = ReservoirBuffer(memory_size, self.input_shape, seed=self.seed)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import Purpose, Segment, Stream, digest, rng
+from .core import Purpose, Segment, Stream, digest, require_positive, rng
 from .schedules import EVAL_AT, RECURRENCE, arrange
 from .sources import SourceData, load_source
 
@@ -29,13 +29,6 @@ class SegmentData:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-
-
-def _positive(name: str, value: int | None, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
 
 class StreamBuilder:
@@ -66,10 +59,10 @@ class StreamBuilder:
         seed: int = 0,
         split_seed: int = 0,
     ) -> None:
-        _positive("batch_size", batch_size, allow_none=False)
-        _positive("repeats", repeats, allow_none=False)
-        _positive("max_samples_per_segment", max_samples_per_segment)
-        _positive("test_samples_per_segment", test_samples_per_segment)
+        require_positive("batch_size", batch_size)
+        require_positive("repeats", repeats)
+        require_positive("max_samples_per_segment", max_samples_per_segment, allow_none=True)
+        require_positive("test_samples_per_segment", test_samples_per_segment, allow_none=True)
         if recurrence not in RECURRENCE:
             raise ValueError(f"recurrence: {recurrence!r} is not one of {RECURRENCE}")
         if eval_at not in EVAL_AT:

@@ -38,6 +38,14 @@ class Purpose(IntEnum):
     ICL_TASK = 13
 
 
+def require_positive(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """One wording for every size-like option: a positive integer (or None where allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
 def rng(seed: int, purpose: Purpose, *key: int) -> np.random.Generator:
     """A numpy generator for one purpose and key; never the salted `hash()`, never global."""
     seq = np.random.SeedSequence(int(seed), spawn_key=(int(purpose), *(int(k) for k in key)))

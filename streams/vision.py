@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .builders import SegmentData, StreamBuilder
-from .core import Purpose, Stream, rng
+from .core import Purpose, Stream, require_positive, rng
 from .corruptions import CORRUPTIONS, DEFAULT_ORDER, corrupt
 from .sources import SourceData, load_cifar_c
 
@@ -50,12 +50,8 @@ class Split(StreamBuilder):
         super().__init__(**kwargs)
         if labels not in ("global", "local"):
             raise ValueError(f"labels: {labels!r} is not 'global' or 'local'")
-        if segments is None and (
-            not isinstance(classes_per_segment, int) or classes_per_segment < 1
-        ):
-            raise ValueError(
-                f"classes_per_segment: must be a positive integer, got {classes_per_segment!r}"
-            )
+        if segments is None:
+            require_positive("classes_per_segment", classes_per_segment)
         self.classes_per_segment = classes_per_segment
         self.segments = None if segments is None else [list(g) for g in segments]
         self.class_order = None if class_order is None else list(class_order)
@@ -111,8 +107,7 @@ class Permuted(StreamBuilder):
 
     def __init__(self, *, n_segments: int = 10, identity_first: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        if not isinstance(n_segments, int) or n_segments < 1:
-            raise ValueError(f"n_segments: must be a positive integer, got {n_segments!r}")
+        require_positive("n_segments", n_segments)
         self.n_segments = n_segments
         self.identity_first = identity_first
 
@@ -150,8 +145,8 @@ class Rotated(StreamBuilder):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if angles is None and (not isinstance(n_segments, int) or n_segments < 1):
-            raise ValueError(f"n_segments: must be a positive integer, got {n_segments!r}")
+        if angles is None:
+            require_positive("n_segments", n_segments)
         self.angles = None if angles is None else [float(a) for a in angles]
         self.n_segments = n_segments
         self.max_angle = float(max_angle)
