@@ -1,0 +1,471 @@
+"""StreamAdapter, first slice: context mapping, weight absorption and the streaming API.
+
+StreamAdapter (Muhtar, Shen et al., 2024) turns streamed demonstrations into a temporary
+low-rank update of a frozen causal transformer, so queries run with no context in the window
+(spec `stream_adapter.md` §1–§3, §6). This slice holds the three parts:
+
+- `ContextMapper` (§2): one layer's prefill (K, V), cut into chunks, is read by learnable
+  multi-head queries and folded by a gated recurrence into a fixed-size state `(S, n)`.
+- `WeightAbsorption` (§3): `W' = W + s·W1·hᵀ·W2` on one target linear, as a per-sample side
+  branch (training) or merged into the weight (inference); `W1 = 0` at init, so the adapted
+  model starts as the base.
+- `StreamAdapter` (§6): a frozen `TinyGPT`, one mapper per adapted layer and the absorptions,
+  with `reset_state` / `absorb` / `commit` / `uncommit` / `forward`.
+
+Not in this slice: Stage B training (LightningModule), `observe`, configs, the benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from adaptlab.models import KV, TinyGPT
+
+GATES = ("vector", "scalar", "fixed")
+RECURRENCES = ("ema", "additive")
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("q", "k", "v", "o"),
+    "out": ("o", "fc2"),
+    "mlp": ("fc1", "fc2"),
+    "all": ("q", "k", "v", "o", "fc1", "fc2"),
+}
+TARGETS = TARGET_GROUPS["all"]
+DEFAULT_TARGETS = ("v", "o", "fc1", "fc2")
+
+
+class ContextMapper(nn.Module):
+    """Maps one layer's KV chunks to a fixed-size state (spec §2).
+
+    Learnable queries `Q (H, M_h, d_h)` cross-attend within a chunk,
+    `O_i = softmax(Q·K_iᵀ/√d_h)·V_i`, so a chunk costs the same whatever came before; a gate
+    `α_i = σ(w_g·O_i + b_g)` (per head and slot) blends chunks, `ema`:
+    `S_i = α_i·S_{i−1} + (1−α_i)·O_i` (the first valid chunk sets `S = O_1`), or `additive`:
+    `S_i = α_i·S_{i−1} + O_i`. The state `(S, n)`, `n` the count of valid chunks, has the same
+    size at any stream length; a fully padded chunk leaves it unchanged.
+
+    Args:
+        n_head, d_head: the base layer's heads and head width (the shape of its K, V).
+        n_slots: `M_h`, queries per head.
+        gate: `vector` (`σ(w_g·O + b_g)`), `scalar` (`σ(b_g)`, learned), `fixed` (`σ(b_g)`).
+        recurrence: `ema` (bounded state) or `additive` (the summaries' form; norm grows).
+        gate_bias: initial `b_g` (+2 gives `α ≈ 0.88`, favouring the running state).
+    """
+
+    def __init__(
+        self, n_head: int, d_head: int, n_slots: int = 4, gate: str = "vector",
+        recurrence: str = "ema", gate_bias: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate: unknown {gate!r}; choose one of {GATES}")
+        if recurrence not in RECURRENCES:
+            raise ValueError(f"recurrence: unknown {recurrence!r}; choose one of {RECURRENCES}")
+        if n_head < 1 or d_head < 1 or n_slots < 1:
+            raise ValueError(
+                f"ContextMapper: sizes must be >= 1, got {n_head}, {d_head}, {n_slots}"
+            )
+        self.n_head, self.d_head, self.n_slots = n_head, d_head, n_slots
+        self.gate, self.recurrence = gate, recurrence
+        self.queries = nn.Parameter(torch.randn(n_head, n_slots, d_head) / math.sqrt(d_head))
+        b_g = torch.full((n_head,), float(gate_bias))
+        if gate == "fixed":
+            self.register_buffer("b_g", b_g)
+        else:
+            self.b_g = nn.Parameter(b_g)
+        self.w_g = nn.Parameter(torch.zeros(n_head, d_head)) if gate == "vector" else None
+
+    def empty_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`S = 0` of shape (B, H, M_h, d_h) and `n = 0` (B,): the state before any chunk."""
+        dtype = dtype or self.queries.dtype
+        device = device or self.queries.device
+        s = torch.zeros(batch, self.n_head, self.n_slots, self.d_head, device=device, dtype=dtype)
+        return s, torch.zeros(batch, dtype=torch.long, device=device)
+
+    def summarize(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Intra-chunk cross-attention: `O` (B, H, M_h, d_h) and which chunks are valid (B,).
+
+        `k`, `v`: (B, H, c, d_h); `mask` (B, c), True for real positions. Masked keys get −∞;
+        a fully padded chunk gets `O = 0` and is marked invalid (no NaN enters the graph).
+        """
+        scores = torch.einsum("hmd,bhcd->bhmc", self.queries, k) / math.sqrt(self.d_head)
+        if mask is None:
+            valid = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
+        else:
+            mask = mask.to(torch.bool)
+            valid = mask.any(dim=-1)
+            safe = mask | ~valid[:, None]  # all-masked rows would give NaN softmax
+            scores = scores.masked_fill(~safe[:, None, None, :], float("-inf"))
+        out = torch.einsum("bhmc,bhcd->bhmd", scores.softmax(dim=-1), v)
+        return out * valid[:, None, None, None].to(out.dtype), valid
+
+    def alpha(self, o: torch.Tensor) -> torch.Tensor:
+        """The gate `α` (B, H, M_h, 1) for a chunk summary `o`."""
+        logits = self.b_g[None, :, None].expand(o.shape[0], -1, o.shape[2])
+        if self.w_g is not None:
+            logits = logits + torch.einsum("bhmd,hd->bhm", o, self.w_g)
+        return torch.sigmoid(logits)[..., None]
+
+    def step(
+        self, state: torch.Tensor, count: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold one chunk into `(S, n)`; invalid chunks (all padding) leave both unchanged."""
+        o, valid = self.summarize(k, v, mask)
+        a = self.alpha(o)
+        if self.recurrence == "ema":
+            new = a * state + (1 - a) * o
+            new = torch.where((count == 0)[:, None, None, None], o, new)
+        else:
+            new = a * state + o
+        new = torch.where(valid[:, None, None, None], new, state)
+        return new, count + valid.long()
+
+    def forward(
+        self, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
+        mask: torch.Tensor | None = None,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold a whole (K, V) of (B, H, T, d_h) chunk by chunk; a short tail is one chunk."""
+        s, n = state if state is not None else self.empty_state(k.shape[0], k.device, k.dtype)
+        for lo in range(0, k.shape[2], chunk_size):
+            hi = lo + chunk_size
+            m = None if mask is None else mask[:, lo:hi]
+            s, n = self.step(s, n, k[:, :, lo:hi], v[:, :, lo:hi], m)
+        return s, n
+
+
+def read_state(s: torch.Tensor, n: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`h = RMSNorm(concat_heads(S))` over `d_h`, no weight, (B, M, d_h); empty state → 0.
+
+    The norm keeps `ΔW`'s scale independent of the chunk count (which matters for `additive`).
+    """
+    b, n_head, n_slots, d_head = s.shape
+    h = s.reshape(b, n_head * n_slots, d_head)
+    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return h * (n > 0)[:, None, None].to(h.dtype)
+
+
+class WeightAbsorption(nn.Module):
+    """A low-rank, state-dependent update `ΔW = s·W1·hᵀ·W2` of one target linear (spec §3).
+
+    `u = W2·x` scores the `M` state slots, `hᵀu` mixes them (a linear attention over the state)
+    and `W1` writes out; `s = γ/√M`. During training it is a side branch added by a forward hook,
+    so every sample of a batch may use its own context and no per-sample `ΔW` is built; at
+    inference `merge` adds `ΔW` to the weight (rows `rows` only) and `unmerge` restores the
+    saved original bitwise. `W1 = 0` at init: the adapted model starts exactly as the base.
+
+    Args:
+        linear: the base's `nn.Linear` (not registered here, so it stays the base's parameter).
+        d_state: `d_h`, the width of a state slot.
+        n_slots: `M`, the number of state slots (`H·M_h`).
+        rows: the output rows this update owns (e.g. the `v` third of a fused `qkv`); all if None.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, d_state: int, n_slots: int, rows: slice | None = None
+    ) -> None:
+        super().__init__()
+        self._linear = (linear,)  # a tuple: not a submodule, the base owns it
+        self.rows = rows if rows is not None else slice(0, linear.out_features)
+        d_in = linear.in_features
+        d_out = len(range(linear.out_features)[self.rows])
+        self.w2 = nn.Parameter(torch.randn(n_slots, d_in) / math.sqrt(d_in))
+        self.w1 = nn.Parameter(torch.zeros(d_out, d_state))
+        self.gamma = nn.Parameter(torch.ones(()))
+        self.n_slots = n_slots
+        self.h: torch.Tensor | None = None  # the state the side branch reads, (B, M, d_h)
+        self._saved: torch.Tensor | None = None
+        self._handle = linear.register_forward_hook(self._hook)
+
+    @property
+    def linear(self) -> nn.Linear:
+        return self._linear[0]
+
+    @property
+    def merged(self) -> bool:
+        return self._saved is not None
+
+    def scale(self) -> torch.Tensor:
+        return self.gamma / math.sqrt(self.n_slots)
+
+    def side(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """`s·((x·W2ᵀ)·h)·W1ᵀ`: (B, T, d_in), (B or 1, M, d_h) → (B, T, d_out)."""
+        return self.scale() * ((x @ self.w2.T) @ h) @ self.w1.T
+
+    def delta_weight(self, h: torch.Tensor) -> torch.Tensor:
+        """`ΔW = s·W1·hᵀ·W2` (d_out, d_in) for one context's `h` (M, d_h)."""
+        return self.scale() * (self.w1 @ h.T) @ self.w2
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if self.h is None or self.merged:
+            return None
+        side = self.side(inputs[0], self.h)
+        start, stop, _ = self.rows.indices(output.shape[-1])
+        return output + nn.functional.pad(side, (start, output.shape[-1] - stop))
+
+    @torch.no_grad()
+    def merge(self, h: torch.Tensor) -> None:
+        """Add `ΔW` for `h` (M, d_h) into the weight, keeping an exact copy of its rows."""
+        if self.merged:
+            self.unmerge()
+        weight = self.linear.weight
+        self._saved = weight[self.rows].clone()
+        weight[self.rows] += self.delta_weight(h).to(weight.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the rows saved by `merge` bitwise; a no-op when not merged."""
+        if self._saved is not None:
+            self.linear.weight[self.rows] = self._saved
+            self._saved = None
+
+    def remove(self) -> None:
+        """Unmerge and detach the hook: the base is left as it was found."""
+        self.unmerge()
+        self._handle.remove()
+
+
+def _target_linear(block: nn.Module, name: str, d_model: int) -> tuple[nn.Linear, slice | None]:
+    """Where TinyGPT's `_Block` keeps each target: q, k, v are thirds of the fused `qkv`."""
+    if name in ("q", "k", "v"):
+        i = "qkv".index(name)
+        return block.qkv, slice(i * d_model, (i + 1) * d_model)
+    return {"o": block.proj, "fc1": block.mlp[0], "fc2": block.mlp[2]}[name], None
+
+
+def _resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    names = [targets] if isinstance(targets, str) else list(targets)
+    out: list[str] = []
+    for name in names:
+        for t in TARGET_GROUPS.get(name, (name,)):
+            if t not in TARGETS:
+                raise ValueError(
+                    f"targets: unknown {name!r}; choose from {TARGETS} or {sorted(TARGET_GROUPS)}"
+                )
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise ValueError("targets: at least one target linear is required")
+    return tuple(out)
+
+
+class StreamAdapter(nn.Module):
+    """A frozen `TinyGPT` whose target linears absorb a streamed context (spec §6).
+
+    `absorb` encodes demos with the *unadapted* base in encoding blocks of `block_size`
+    positions, each starting at position 0 (no attention across blocks), and feeds every full
+    chunk of `chunk_size` positions to the layer's `ContextMapper`. Positions not yet filling a
+    chunk wait with their KV; the *effective state* folds them in as a masked chunk without
+    consuming them, so it depends only on the demo sequence, never on how it was split into
+    calls. `forward` answers queries at positions from 0 with no context in the window, through
+    the side branches (per-sample contexts) or, after `commit`, through merged weights.
+
+    Args:
+        base: the TinyGPT; frozen here (`requires_grad=False`, `eval()`).
+        n_slots: `M_h`, queries per head (`M = H·M_h` slots per layer).
+        chunk_size: `C`, positions per chunk; must divide `block_size`.
+        block_size: `B_enc`, positions per encoding block (default: the base's `n_positions`).
+        targets: names among `q k v o fc1 fc2`, or groups `attn out mlp all`.
+        layers: `all`, or an int `n` for the last `n` layers.
+        gate, recurrence, gate_bias: see `ContextMapper`.
+    """
+
+    def __init__(
+        self, base: TinyGPT, n_slots: int = 4, chunk_size: int = 4, block_size: int | None = None,
+        targets: str | Sequence[str] = DEFAULT_TARGETS, layers: str | int = "all",
+        gate: str = "vector", recurrence: str = "ema", gate_bias: float = 2.0,
+    ) -> None:
+        super().__init__()
+        block_size = base.n_positions if block_size is None else int(block_size)
+        if chunk_size < 1 or block_size < 1 or block_size % chunk_size:
+            raise ValueError(
+                f"chunk_size {chunk_size} must be >= 1 and divide block_size {block_size}"
+            )
+        if block_size > base.n_positions:
+            raise ValueError(
+                f"block_size {block_size} exceeds the base's n_positions {base.n_positions}"
+            )
+        n_layer = len(base.blocks)
+        if layers == "all":
+            first = 0
+        elif isinstance(layers, int) and 1 <= layers <= n_layer:
+            first = n_layer - layers
+        else:
+            raise ValueError(f"layers: 'all' or an int in 1..{n_layer} (last n), got {layers!r}")
+        self.base = base.requires_grad_(False).eval()
+        self.chunk_size, self.block_size = int(chunk_size), block_size
+        self.targets = _resolve_targets(targets)
+        self.layer_ids = tuple(range(first, n_layer))
+        n_head = base.blocks[0].n_head
+        d_model = base.d_model
+        d_head = d_model // n_head
+        self.mappers = nn.ModuleDict({
+            str(i): ContextMapper(n_head, d_head, n_slots, gate, recurrence, gate_bias)
+            for i in self.layer_ids
+        })
+        self.absorptions = nn.ModuleDict()
+        for i in self.layer_ids:
+            for t in self.targets:
+                linear, rows = _target_linear(base.blocks[i], t, d_model)
+                self.absorptions[f"{i}_{t}"] = WeightAbsorption(
+                    linear, d_head, n_head * n_slots, rows
+                )
+        self.reset_state()
+
+    def train(self, mode: bool = True) -> StreamAdapter:
+        """Adapter modules follow `mode`; the frozen base stays in `eval()`."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """What an optimiser should hold: mappers and absorptions, never the base."""
+        return [*self.mappers.parameters(), *self.absorptions.parameters()]
+
+    # ----- streaming state -------------------------------------------------------------------
+
+    def reset_state(self, batch: int = 1) -> None:
+        """Clear `S`, `n`, the pending positions and the encoder cache; uncommit."""
+        self.uncommit()
+        self.batch = int(batch)
+        first = self.mappers[str(self.layer_ids[0])]
+        states = [self.mappers[str(i)].empty_state(self.batch) for i in self.layer_ids]
+        self._s = [s for s, _ in states]
+        self._n = states[0][1]
+        self._cache: list[KV] | None = None  # current encoding block's per-layer (K, V)
+        self._cache_mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=first.queries.device)
+        self._consumed = 0  # positions of the current block already folded into S
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the fast state `(S, n)`: fixed by the config, whatever the stream length."""
+        return sum(s.numel() * s.element_size() for s in self._s) + (
+            self._n.numel() * self._n.element_size()
+        )
+
+    @property
+    def pending(self) -> int:
+        """Positions encoded but not yet folded (they wait for their chunk to fill)."""
+        return self._cache_mask.shape[1] - self._consumed
+
+    def absorb(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Append a span of demos (B, T) to the stream; any split of a sequence is equivalent.
+
+        Uncommits first: context is encoded by the unadapted base (`no_grad`). Gradients flow
+        into the mappers if enabled (Stage B). `mask` (B, T) is True for real positions; padding
+        must come after a context's last real position (the base has no attention mask).
+        """
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch:
+            raise ValueError(
+                f"absorb: tokens must be (batch={self.batch}, T), got {tuple(tokens.shape)}; "
+                "call reset_state(batch) for another batch size"
+            )
+        self.uncommit()
+        if mask is None:
+            mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        pos, total = 0, tokens.shape[1]
+        while pos < total:
+            room = self.block_size - self._cache_mask.shape[1]
+            take = min(room, total - pos)
+            piece_v = None if values is None else values[:, pos : pos + take]
+            with torch.no_grad():
+                _, kvs = self.base(
+                    tokens[:, pos : pos + take], piece_v, past_kv=self._cache, return_kv=True
+                )
+            self._cache = kvs
+            self._cache_mask = torch.cat([self._cache_mask, mask[:, pos : pos + take].bool()], 1)
+            pos += take
+            self._fold_full_chunks()
+
+    def _fold_full_chunks(self) -> None:
+        c = self.chunk_size
+        while self._cache is not None and self.pending >= c:
+            lo, hi = self._consumed, self._consumed + c
+            m = self._cache_mask[:, lo:hi]
+            n_new = self._n
+            for j, i in enumerate(self.layer_ids):
+                k, v = self._cache[i]
+                self._s[j], n_new = self.mappers[str(i)].step(
+                    self._s[j], self._n, k[:, :, lo:hi], v[:, :, lo:hi], m
+                )
+            self._n = n_new
+            self._consumed = hi
+            if self._consumed == self.block_size:
+                self._cache = None
+                self._cache_mask = self._cache_mask[:, :0]
+                self._consumed = 0
+
+    def effective_state(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per adapted layer `S` and the count `n`, with pending positions folded in as a
+        masked chunk (not consumed): what queries and `commit` read."""
+        if self._cache is None or self.pending == 0:
+            return list(self._s), self._n
+        lo = self._consumed
+        m = self._cache_mask[:, lo:]
+        out, n_new = [], self._n
+        for j, i in enumerate(self.layer_ids):
+            k, v = self._cache[i]
+            s, n_new = self.mappers[str(i)].step(self._s[j], self._n, k[:, :, lo:], v[:, :, lo:], m)
+            out.append(s)
+        return out, n_new
+
+    def state_h(self) -> dict[int, torch.Tensor]:
+        """`h` (B, M, d_h) per adapted layer, read from the effective state."""
+        states, n = self.effective_state()
+        return {i: read_state(s, n) for i, s in zip(self.layer_ids, states)}
+
+    # ----- merge / query ---------------------------------------------------------------------
+
+    @property
+    def committed(self) -> bool:
+        return any(a.merged for a in self.absorptions.values())
+
+    def commit(self) -> None:
+        """Merge `ΔW` from the effective state into the base's weights (one context only)."""
+        if self.batch != 1:
+            raise ValueError(
+                f"commit: merging needs one context (batch 1), the state holds {self.batch}; "
+                "use the side branch (forward without commit) for batches of contexts"
+            )
+        self.uncommit()
+        hs = self.state_h()
+        with torch.no_grad():
+            for key, absorption in self.absorptions.items():
+                absorption.merge(hs[int(key.split("_")[0])][0])
+
+    def uncommit(self) -> None:
+        """Restore the original weights bitwise; idempotent."""
+        for absorption in getattr(self, "absorptions", {}).values():
+            absorption.unmerge()
+
+    def forward(self, tokens: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for queries at positions from 0, with no context in the window.
+
+        Committed: the merged weights alone. Otherwise each sample's side branch reads its own
+        context's `h` (a state of batch 1 is shared by all queries).
+        """
+        if self.committed:
+            return self.base(tokens, values)
+        hs = self.state_h()
+        try:
+            for key, absorption in self.absorptions.items():
+                absorption.h = hs[int(key.split("_")[0])]
+            return self.base(tokens, values)
+        finally:
+            for absorption in self.absorptions.values():
+                absorption.h = None
+
+    def predict(self, tokens: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        """The spec's name for `forward` (§6)."""
+        return self(tokens, values)
