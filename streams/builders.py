@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .core import Purpose, Segment, Stream, digest, require_positive, rng
-from .schedules import EVAL_AT, RECURRENCE, arrange
+from .schedules import arrange, check_schedule
 from .sources import SourceData, load_source
 
 
@@ -59,18 +59,10 @@ class StreamBuilder:
         seed: int = 0,
         split_seed: int = 0,
     ) -> None:
-        require_positive("batch_size", batch_size)
-        require_positive("repeats", repeats)
+        check_schedule(batch_size=batch_size, recurrence=recurrence, repeats=repeats,
+                       transition=transition, eval_at=eval_at, label_shift=label_shift)
         require_positive("max_samples_per_segment", max_samples_per_segment, allow_none=True)
         require_positive("test_samples_per_segment", test_samples_per_segment, allow_none=True)
-        if recurrence not in RECURRENCE:
-            raise ValueError(f"recurrence: {recurrence!r} is not one of {RECURRENCE}")
-        if eval_at not in EVAL_AT:
-            raise ValueError(f"eval_at: {eval_at!r} is not one of {EVAL_AT}")
-        if not isinstance(transition, int) or transition < 0:
-            raise ValueError(f"transition: must be an integer >= 0, got {transition!r}")
-        if label_shift is not None and float(label_shift.get("delta", 0.1)) <= 0:
-            raise ValueError(f"label_shift.delta: must be > 0, got {label_shift['delta']!r}")
         self.source = source
         self.root = root
         self.download = download

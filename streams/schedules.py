@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import Purpose, rng
+from .core import Purpose, require_positive, rng
 
 RECURRENCE = ("reuse", "split", "continue")
 EVAL_AT = ("end", "mid", "start")
@@ -30,6 +30,24 @@ class Arrangement:
     first_rows: tuple[int, ...]
     true_shifts: tuple[int, ...]
     segments_used: tuple[int, ...]
+
+
+def check_schedule(
+    *, batch_size: int, recurrence: str, repeats: int, transition: int, eval_at: str,
+    label_shift: Mapping[str, Any] | None,
+) -> None:
+    """The schedule parameters' own checks, one place for builders (at config time) and
+    `arrange`: a clear error naming the parameter."""
+    require_positive("batch_size", batch_size)
+    require_positive("repeats", repeats)
+    if recurrence not in RECURRENCE:
+        raise ValueError(f"recurrence: {recurrence!r} is not one of {RECURRENCE}")
+    if eval_at not in EVAL_AT:
+        raise ValueError(f"eval_at: {eval_at!r} is not one of {EVAL_AT}")
+    if not isinstance(transition, int) or isinstance(transition, bool) or transition < 0:
+        raise ValueError(f"transition: must be an integer >= 0, got {transition!r}")
+    if label_shift is not None and float(label_shift.get("delta", 0.1)) <= 0:
+        raise ValueError(f"label_shift.delta: must be > 0, got {label_shift['delta']!r}")
 
 
 def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
@@ -118,14 +136,8 @@ def arrange(
     unknown = [s for s in order if s not in pools]
     if unknown:
         raise ValueError(f"order: {unknown} are not segment ids (valid: {seg_ids})")
-    if recurrence not in RECURRENCE:
-        raise ValueError(f"recurrence: {recurrence!r} is not one of {RECURRENCE}")
-    if eval_at not in EVAL_AT:
-        raise ValueError(f"eval_at: {eval_at!r} is not one of {EVAL_AT}")
-    if repeats < 1:
-        raise ValueError(f"repeats: must be >= 1, got {repeats}")
-    if transition < 0:
-        raise ValueError(f"transition: must be >= 0, got {transition}")
+    check_schedule(batch_size=batch_size, recurrence=recurrence, repeats=repeats,
+                   transition=transition, eval_at=eval_at, label_shift=label_shift)
 
     n_occ = {s: order.count(s) for s in set(order)}
     seen: dict[int, int] = {}
@@ -158,8 +170,6 @@ def arrange(
     seq = np.concatenate(blocks)
     seg = np.concatenate([np.full(len(b), s, dtype=np.int64) for b, s in zip(blocks, order)])
     n = len(seq)
-    if batch_size < 1:
-        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if batch_size > n:
         raise ValueError(f"batch_size: {batch_size} is larger than the stream ({n} samples)")
 

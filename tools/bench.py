@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Callable
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +62,6 @@ def plain_loop(st: Stream, backbone: str, lr: float, device: str) -> float:
 
 def lightning_plain(st: Stream, backbone: str, lr: float, device: str) -> float:
     """Lightning's ordinary path: automatic optimisation over a TensorDataset DataLoader."""
-    import pytorch_lightning as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     class Plain(pl.LightningModule):
@@ -85,29 +85,21 @@ def lightning_plain(st: Stream, backbone: str, lr: float, device: str) -> float:
     return timer.seconds
 
 
-class _TrainTimer:
-    """Callback: seconds from the start of training to the end of the last training step
-    (it runs before the evaluator, so end-of-stream evaluation is not counted)."""
+class _TrainTimer(pl.Callback):
+    """Seconds from the start of training to the end of the last training step (it runs
+    before the evaluator, so end-of-stream evaluation is not counted)."""
 
-    def __new__(cls):
-        import pytorch_lightning as pl
+    def on_train_start(self, trainer, pl_module) -> None:
+        _sync(pl_module.device.type)
+        self.t0 = time.perf_counter()
 
-        class Timer(pl.Callback):
-            def on_train_start(self, trainer, pl_module):
-                _sync(pl_module.device.type)
-                self.t0 = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, pl_module, *args):
-                _sync(pl_module.device.type)
-                self.seconds = time.perf_counter() - self.t0
-
-        return Timer()
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        _sync(pl_module.device.type)
+        self.seconds = time.perf_counter() - self.t0
 
 
 def adaptlab_run(st: Stream, learner_cls, device: str, batches_per_step: int = 50,
                  prepare: Callable | None = None, **learner_args) -> float:
-    import pytorch_lightning as pl
-
     from adaptlab.evaluation import StreamEvaluator
 
     learner = learner_cls(input_shape=st.input_shape, n_classes=st.n_classes,
