@@ -1,7 +1,8 @@
 """`adaptlab fit|validate|test --config …`: a LightningCLI over stream learners.
 
 - `model:` names a learner (`Finetune`, `Replay`, `Joint`, … or a `class_path`).
-- `data:` is a `StreamDataModule`; `data.stream:` names a stream config (`Split`, …).
+- `data:` is a `StreamDataModule`; `data.stream:` names a stream config (`Split`, …); or,
+  with `class_path:`, another data module (`adaptlab.episodes.EpisodeDataModule`).
 - `evaluator:` configures the `StreamEvaluator`, always present during `fit`.
 - The learner's `input_shape`, `n_classes` and `batch_size` are linked from the built stream.
 - `threads:` sets `torch.set_num_threads` (tiny models run fastest single-threaded).
@@ -14,6 +15,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -66,6 +68,8 @@ class AdaptLabCLI(LightningCLI):
         parser.add_lightning_class_args(StreamEvaluator, "evaluator")
         parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
         parser.set_defaults({"progress_bar.refresh_rate": 50})
+        # `data:` is a StreamDataModule unless it names another class (`class_path:`)
+        parser.set_defaults({"data": {"class_path": "adaptlab.data.StreamDataModule"}})
         for attr in LINKED:
             parser.link_arguments(
                 "data", f"model.init_args.{attr}",
@@ -123,7 +127,14 @@ class AdaptLabCLI(LightningCLI):
                 )
 
     def before_fit(self) -> None:
-        """Fail before training, not after it, when the run cannot write its outputs."""
+        """Fail before training, not after it, when the run cannot write its outputs.
+
+        The evaluator scores streams: with another data module (the episodes of StreamAdapter's
+        Stage A/B) it is taken out and the learner reports its own metrics."""
+        if not isinstance(self.datamodule, StreamDataModule):
+            self.trainer.callbacks = [
+                cb for cb in self.trainer.callbacks if not isinstance(cb, StreamEvaluator)
+            ]
         require_one_epoch(self.trainer)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         try:
@@ -177,7 +188,8 @@ def main(args: list[str] | None = None) -> None:
     """Console entry point; exits non-zero with a one-line message on bad input."""
     try:
         AdaptLabCLI(
-            StreamLearner, StreamDataModule, subclass_mode_model=True,
+            StreamLearner, pl.LightningDataModule, subclass_mode_model=True,
+            subclass_mode_data=True,
             parser_class=AdaptLabParser,
             seed_everything_default=0,
             trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "logger": LOGGER_DEFAULT},

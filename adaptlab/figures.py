@@ -77,3 +77,41 @@ def expert_timeline(
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def demo_curve_figure(
+    curves: dict[str, dict[str, dict[int, dict[str, float]]]], title: str = "",
+    window: int | None = None,
+) -> Figure:
+    """Skill vs demonstrations, one panel per family, one line per method (± 1 SE).
+
+    `curves[method][family][k] = {"skill", "se"}`; k = 0 is drawn at x = 0.5 on the log axis.
+    """
+    families = sorted({f for c in curves.values() for f in c})
+    cols = min(4, len(families)) or 1
+    rows = (len(families) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, fam in zip(axes.flat, families):
+        for method, curve in curves.items():
+            if fam not in curve:
+                continue
+            ks = sorted(curve[fam])
+            x = [max(k, 0.5) for k in ks]
+            y = np.array([curve[fam][k]["skill"] for k in ks])
+            se = np.nan_to_num(np.array([curve[fam][k].get("se", 0.0) for k in ks]))
+            ax.plot(x, y, marker="o", ms=3, label=method)
+            ax.fill_between(x, y - se, y + se, alpha=0.2)
+        if window:
+            ax.axvline(window, color="grey", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_title(fam, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("demonstrations k", fontsize=8)
+        ax.set_ylabel("skill", fontsize=8)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

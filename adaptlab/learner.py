@@ -14,6 +14,7 @@ The learner never sees segment ids or boundaries: task-free means task-free.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -99,7 +100,9 @@ class StreamLearner(pl.LightningModule):
                 self.backbone, self.input_shape, n_classes or self.n_classes, **self.backbone_args
             )
 
-    def update(self, optimizer: Any, loss: torch.Tensor, n: int = 1) -> None:
+    def update(
+        self, optimizer: Any, loss: torch.Tensor, n: int = 1, clip: float | None = None
+    ) -> None:
         """One optimizer update: zero, backward, update hooks, step.
 
         Goes through Lightning (`manual_backward`, `LightningOptimizer.step`) whenever that
@@ -109,7 +112,7 @@ class StreamLearner(pl.LightningModule):
         Lightning's per-call hook dispatch, which dominates on tiny online batches. Either
         way every update counts toward `trainer.global_step`. Under `StreamDDPStrategy`
         the gradients are averaged over processes, weighted by `n`, this process's number
-        of samples in the loss.
+        of samples in the loss. `clip` bounds the global gradient norm before the step.
         """
         if self.nonfinite == "skip" and not bool(torch.isfinite(loss)):
             self.skipped_updates += 1
@@ -117,6 +120,8 @@ class StreamLearner(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         if self._fast_update:
             loss.backward()
+            if clip is not None:
+                _clip(optimizer, clip)
             for hook in self._update_hooks:
                 hook(self.update_steps)
             if isinstance(optimizer, LightningOptimizer):
@@ -131,6 +136,8 @@ class StreamLearner(pl.LightningModule):
             sync = getattr(self._trainer.strategy, "sync_grads", None) if self._trainer else None
             if sync is not None:
                 sync([p for group in optimizer.param_groups for p in group["params"]], n)
+            if clip is not None:
+                _clip(optimizer, clip)
             for hook in self._update_hooks:
                 hook(self.update_steps)
             optimizer.step()
@@ -319,6 +326,22 @@ class StreamLearner(pl.LightningModule):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` saved."""
+
+
+def _clip(optimizer: Any, max_norm: float) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def warmup_cosine(step: int, warmup: int, total: int | None) -> float:
+    """The lr factor at optimizer step `step`: linear warm-up, then cosine decay to 0 at
+    `total` (constant after warm-up when `total` is None or not after `warmup`)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if not total or total <= warmup:
+        return 1.0
+    frac = min(1.0, (step - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")

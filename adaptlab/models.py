@@ -159,7 +159,11 @@ class TinyGPT(nn.Module):
         pad_id: padding row, kept at zero (`nn.Embedding(padding_idx=...)`).
         d_value: if > 0, a linear map of per-position real-valued inputs added to the token
             embedding (the `[x; y]` encoding of regression tasks, `stream_adapter.md` §4).
+        reg_head: a scalar regression head `reg_head(h)` next to the tied token head.
         initializer_range: std of the normal init (GPT-2's 0.02).
+
+    A position's input is `E[token] + E[label_token] + R·value + E_pos` (`label_tokens` and
+    `values` optional): one position per in-context example (`stream_adapter.md` §1, §4).
     """
 
     def __init__(
@@ -174,6 +178,7 @@ class TinyGPT(nn.Module):
         head_bias: bool = False,
         pad_id: int | None = None,
         d_value: int = 0,
+        reg_head: bool = False,
         initializer_range: float = 0.02,
     ) -> None:
         super().__init__()
@@ -191,6 +196,7 @@ class TinyGPT(nn.Module):
         self.blocks = nn.ModuleList(_Block(d_model, n_head, d_mlp) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=head_bias)
+        self.reg_head = nn.Linear(d_model, 1) if reg_head else None
         self.apply(self._init)
         if tie_head:
             self.head.weight = self.wte.weight
@@ -215,7 +221,7 @@ class TinyGPT(nn.Module):
 
     def hidden(
         self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-        past_kv: list[KV] | None = None,
+        past_kv: list[KV] | None = None, label_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Final-LayerNorm hidden states (B, T, d) and every layer's full (K, V)."""
         b, t = tokens.shape
@@ -226,6 +232,8 @@ class TinyGPT(nn.Module):
             )
         pos = torch.arange(start, start + t, device=tokens.device)
         h = self.wte(tokens) + self.wpe(pos)[None]
+        if label_tokens is not None:
+            h = h + self.wte(label_tokens)
         if values is not None:
             if self.value_in is None:
                 raise ValueError("TinyGPT: values given but the model was built with d_value=0")
@@ -239,16 +247,24 @@ class TinyGPT(nn.Module):
     def forward(
         self, tokens: torch.Tensor, values: torch.Tensor | None = None,
         past_kv: list[KV] | None = None, return_kv: bool = False,
+        label_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """Logits (B, T, V) at every position; with `return_kv`, also per-layer (K, V), each
         (B, n_head, T_past + T, d_head)."""
-        h, kvs = self.hidden(tokens, values, past_kv)
+        h, kvs = self.hidden(tokens, values, past_kv, label_tokens)
         logits = self.head(h)
         return (logits, kvs) if return_kv else logits
 
     @torch.no_grad()
     def prefill(
-        self, tokens: torch.Tensor, values: torch.Tensor | None = None
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        label_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Run a prefix once: its logits and the per-layer (K, V) to pass as `past_kv`."""
-        return self.forward(tokens, values, return_kv=True)
+        return self.forward(tokens, values, return_kv=True, label_tokens=label_tokens)
+
+    def regress(self, h: torch.Tensor) -> torch.Tensor:
+        """The scalar regression read-out (..., d) -> (...), for models built with reg_head."""
+        if self.reg_head is None:
+            raise ValueError("TinyGPT: regression read-out needs reg_head=True")
+        return self.reg_head(h)[..., 0]

@@ -2,12 +2,15 @@
 
 from .finetune import Finetune
 from .forgetting import EmbeddingForgetting, ProbabilisticEmbeddingForgetting
+from .icl_families import FamilyInContextLearner
 from .in_context import InContextLearner
 from .joint import Joint
 from .replay import Replay
+from .stream_adapter import SegmentReset, StreamAdapter
 from .tame import TAME
 
 __all__ = [
-    "TAME", "EmbeddingForgetting", "Finetune", "InContextLearner", "Joint",
-    "ProbabilisticEmbeddingForgetting", "Replay",
+    "TAME", "EmbeddingForgetting", "FamilyInContextLearner", "Finetune", "InContextLearner",
+    "Joint",
+    "ProbabilisticEmbeddingForgetting", "Replay", "SegmentReset", "StreamAdapter",
 ]

@@ -18,12 +18,23 @@ Not in this slice: Stage B training (LightningModule), `observe`, configs, the b
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from adaptlab.detect import ShiftDetector
+from adaptlab.episodes import EpisodeDataModule, demo_curve
+from adaptlab.jsonio import write_json_atomic
+from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import KV, TinyGPT
+from adaptlab.streams.icl import FamilyVocab
+
+from .icl_families import family_loss, family_readout, load_base, save_atomic
 
 GATES = ("vector", "scalar", "fixed")
 RECURRENCES = ("ema", "additive")
@@ -257,7 +268,7 @@ def _resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-class StreamAdapter(nn.Module):
+class AdaptedGPT(nn.Module):
     """A frozen `TinyGPT` whose target linears absorb a streamed context (spec §6).
 
     `absorb` encodes demos with the *unadapted* base in encoding blocks of `block_size`
@@ -320,7 +331,7 @@ class StreamAdapter(nn.Module):
                 )
         self.reset_state()
 
-    def train(self, mode: bool = True) -> StreamAdapter:
+    def train(self, mode: bool = True) -> AdaptedGPT:
         """Adapter modules follow `mode`; the frozen base stays in `eval()`."""
         super().train(mode)
         self.base.eval()
@@ -358,7 +369,7 @@ class StreamAdapter(nn.Module):
 
     def absorb(
         self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None, label_tokens: torch.Tensor | None = None,
     ) -> None:
         """Append a span of demos (B, T) to the stream; any split of a sequence is equivalent.
 
@@ -379,9 +390,10 @@ class StreamAdapter(nn.Module):
             room = self.block_size - self._cache_mask.shape[1]
             take = min(room, total - pos)
             piece_v = None if values is None else values[:, pos : pos + take]
+            piece_l = None if label_tokens is None else label_tokens[:, pos : pos + take]
             with torch.no_grad():
-                _, kvs = self.base(
-                    tokens[:, pos : pos + take], piece_v, past_kv=self._cache, return_kv=True
+                _, kvs = self.base.hidden(
+                    tokens[:, pos : pos + take], piece_v, self._cache, piece_l
                 )
             self._cache = kvs
             self._cache_mask = torch.cat([self._cache_mask, mask[:, pos : pos + take].bool()], 1)
@@ -449,23 +461,457 @@ class StreamAdapter(nn.Module):
         for absorption in getattr(self, "absorptions", {}).values():
             absorption.unmerge()
 
-    def forward(self, tokens: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for queries at positions from 0, with no context in the window.
+    def hidden(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        label_tokens: torch.Tensor | None = None, per_context: int = 1,
+    ) -> torch.Tensor:
+        """Final hidden states (N, T, d) of queries at positions from 0, no context in the window.
 
-        Committed: the merged weights alone. Otherwise each sample's side branch reads its own
-        context's `h` (a state of batch 1 is shared by all queries).
+        Committed: the merged weights alone. Otherwise each sample's side branch reads its
+        context's `h`: row `i` of the queries belongs to context `i // per_context` (a state of
+        batch 1 is shared by all queries).
         """
         if self.committed:
-            return self.base(tokens, values)
+            return self.base.hidden(tokens, values, None, label_tokens)[0]
         hs = self.state_h()
         try:
             for key, absorption in self.absorptions.items():
-                absorption.h = hs[int(key.split("_")[0])]
-            return self.base(tokens, values)
+                h = hs[int(key.split("_")[0])]
+                absorption.h = h.repeat_interleave(per_context, 0) if per_context > 1 else h
+            return self.base.hidden(tokens, values, None, label_tokens)[0]
         finally:
             for absorption in self.absorptions.values():
                 absorption.h = None
 
-    def predict(self, tokens: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        label_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for queries at positions from 0, with no context in the window."""
+        return self.base.head(self.hidden(tokens, values, label_tokens))
+
+    def predict(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        label_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The spec's name for `forward` (§6)."""
-        return self(tokens, values)
+        return self(tokens, values, label_tokens)
+
+    def query_hidden(
+        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+        label_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Queries (B, q) of B contexts, each answered alone at position 0: hidden (B, q, d)."""
+        b, q = tokens.shape
+        flat = [None if t is None else t.reshape(b * q, 1, *t.shape[2:])
+                for t in (tokens, values, label_tokens)]
+        per = q if self.batch == b else 1
+        if self.batch not in (1, b):
+            raise ValueError(f"query_hidden: {b} query rows for a state of batch {self.batch}")
+        return self.hidden(flat[0], flat[1], flat[2], per_context=per).reshape(b, q, -1)
+
+    # ----- the fast state as data (checkpoints) ----------------------------------------------
+
+    def stream_state(self) -> dict[str, object]:
+        """Everything `reset_state` clears, as tensors and ints (saved in checkpoints)."""
+        if self.committed:
+            raise ValueError("stream_state: uncommit() first (the merged weights are not state)")
+        return {
+            "batch": self.batch, "s": [s.detach().clone() for s in self._s],
+            "n": self._n.clone(), "consumed": self._consumed,
+            "cache": None if self._cache is None else [
+                (k.detach().clone(), v.detach().clone()) for k, v in self._cache],
+            "cache_mask": self._cache_mask.clone(),
+        }
+
+    def load_stream_state(self, state: dict[str, object]) -> None:
+        """Restore what `stream_state` returned (to this module's device)."""
+        dev = self.mappers[str(self.layer_ids[0])].queries.device
+        self.reset_state(int(state["batch"]))
+        saved = list(state["s"])
+        if len(saved) != len(self._s) or saved[0].shape != self._s[0].shape:
+            raise ValueError("load_stream_state: the state was written by another adapter shape")
+        self._s = [s.to(dev) for s in saved]
+        self._n = state["n"].to(dev)
+        self._consumed = int(state["consumed"])
+        cache = state["cache"]
+        self._cache = None if cache is None else [(k.to(dev), v.to(dev)) for k, v in cache]
+        self._cache_mask = state["cache_mask"].to(dev)
+
+    def norms(self) -> dict[str, float]:
+        """‖S‖ per adapted layer and ‖ΔW‖/‖W‖ per target (of the effective state, batch 1)."""
+        states, n = self.effective_state()
+        out = {f"state_norm/layer{i}": float(s[0].norm()) for i, s in zip(self.layer_ids, states)}
+        hs = {i: read_state(s, n) for i, s in zip(self.layer_ids, states)}
+        with torch.no_grad():
+            for key, a in self.absorptions.items():
+                dw = a.delta_weight(hs[int(key.split("_")[0])][0])
+                out[f"dw_ratio/{key}"] = float(dw.norm() / a.linear.weight[a.rows].norm())
+        return out
+
+
+# ===================================================================== the LightningModule
+
+MODES = ("meta_train", "stream")
+RESET_ON = ("detected", "none", "segment")
+ADAPTER_FORMAT = "adaptlab.stream_adapter/1"
+
+
+def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, dict[str, Any]]:
+    """A Stage B export on its base: the `AdaptedGPT` (base frozen) and the export record.
+
+    The base is read from `base_path` (default: the path recorded at export); its content hash
+    must equal the one the adapter was trained on.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter: no Stage B export at {path!r}")
+    rec = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(rec, dict) or rec.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"adapter: {path!r} is not a StreamAdapter export ({ADAPTER_FORMAT})")
+    base, base_rec = load_base(base_path or rec["base_path"])
+    if base_rec["sha256"] != rec["base_sha256"]:
+        raise ValueError(
+            f"adapter: trained on base {rec['base_sha256'][:12]}…, but "
+            f"{base_path or rec['base_path']!r} is {base_rec['sha256'][:12]}…; use the base "
+            "the adapter was trained on"
+        )
+    core = AdaptedGPT(base, **rec["adapter_args"])
+    core.load_state_dict(rec["state_dict"], strict=False)
+    return core, rec
+
+
+class StreamAdapter(StreamLearner):
+    """StreamAdapter as a learner: Stage B meta-training and the test-time context stream.
+
+    `mode: meta_train` (spec §5, Stage B): episodes of an `EpisodeDataModule` (seen families);
+    per batch the frozen base prefills the context in blocks, the mappers fold it into the
+    state, and the queries — each alone at position 0, no context in the window — run through
+    the base plus the side branches; the loss is Stage A's. The optimiser holds the adapter's
+    parameters only; `W1 = 0` makes step 0 exactly zero-shot. The result is exported
+    (`export:`) with the base's content hash.
+
+    `mode: stream` (spec §6): the `StreamLearner` contract over a context stream
+    (`streams.icl.ContextStream`): `observe(x, y)` predicts the labelled examples from the
+    current state, then absorbs them as demonstrations; no optimiser, no gradients. The
+    adapter comes from a Stage B export (`adapter:`), whose base must match. `reset_on`:
+    `detected` (a core `ShiftDetector` on the pre-absorb loss resets the state), `none` (the
+    gate forgets) or `segment` (oracle resets by `SegmentReset`, upper bound only).
+
+    Args:
+        base: the Stage A export (`FamilyInContextLearner(export=…)`).
+        mode: `meta_train` or `stream`.
+        adapter: the Stage B export to run in `stream` mode (its adapter settings are used).
+        n_slots, chunk_size, block_size, targets, layers, gate, recurrence, gate_bias: the
+            adapter (`AdaptedGPT`); `block_size` defaults to the base's window W.
+        lr, betas, weight_decay, warmup_steps, clip: AdamW, warm-up then cosine to 0.
+        allow_weak_base: train even if the base failed Stage A's `icl_check`.
+        eval_every, eval_episodes, eval_ks, eval_seed: the StreamAdapter demo curve logged
+            during Stage B (default k: 1, 4, W, 4W).
+        export: where Stage B writes the trained adapter.
+        reset_on, detector, grace: the stream-mode reset (detector: `ShiftDetector` options).
+        log_norms_every: observe steps between ‖S‖ and ‖ΔW‖/‖W‖ logs in `stream` mode.
+        **kwargs: `StreamLearner` arguments (linked shapes, seed).
+    """
+
+    def __init__(
+        self, *, base: str, mode: str = "meta_train", adapter: str | None = None,
+        n_slots: int = 4, chunk_size: int = 4, block_size: int | None = None,
+        targets: str | Sequence[str] = DEFAULT_TARGETS, layers: str | int = "all",
+        gate: str = "vector", recurrence: str = "ema", gate_bias: float = 2.0,
+        lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.98), weight_decay: float = 0.01,
+        warmup_steps: int = 200, clip: float | None = 1.0, allow_weak_base: bool = False,
+        eval_every: int = 500, eval_episodes: int = 256, eval_ks: Sequence[int] | None = None,
+        eval_seed: int = 4321, export: str | None = None, reset_on: str = "detected",
+        detector: dict[str, Any] | None = None, log_norms_every: int = 50, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        for name, val, choices in (("mode", mode, MODES), ("reset_on", reset_on, RESET_ON)):
+            if val not in choices:
+                raise ValueError(f"{name}: {val!r} is not one of {choices}")
+        self.mode, self.base_path, self.reset_on = mode, base, reset_on
+        if mode == "stream":
+            if not adapter:
+                raise ValueError("adapter: `mode: stream` needs a Stage B export (adapter: …)")
+            self.core, rec = load_adapter(adapter, base)
+            self.adapter_args = dict(rec["adapter_args"])
+            base_rec = rec["base_record"]
+        else:
+            model, base_rec = load_base(base)
+            check = base_rec.get("icl_check") or {}
+            if not check.get("passed") and not allow_weak_base:
+                raise ValueError(
+                    f"base: {base!r} failed Stage A's icl_check (families "
+                    f"{check.get('failing') or 'unknown'} do not learn in context); the adapter "
+                    "can only absorb what the base uses: train Stage A longer, or set "
+                    "allow_weak_base: true"
+                )
+            self.adapter_args = {
+                "n_slots": n_slots, "chunk_size": chunk_size,
+                "block_size": block_size or base_rec["task"]["window"],
+                "targets": list(_resolve_targets(targets)), "layers": layers, "gate": gate,
+                "recurrence": recurrence, "gate_bias": gate_bias}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.core = AdaptedGPT(model, **self.adapter_args)
+        self.base_record = {k: v for k, v in base_rec.items() if k != "state_dict"}
+        self.task = dict(self.base_record["task"])
+        self.vocab = FamilyVocab(self.task["n_items"], self.task["n_labels"])
+        if self.n_classes != self.vocab.size:
+            raise ValueError(f"data: vocabulary {self.n_classes} != the base's {self.vocab.size}")
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.warmup_steps, self.clip = warmup_steps, clip
+        self.eval_every, self.eval_episodes, self.eval_seed = eval_every, eval_episodes, eval_seed
+        w = self.task["window"]
+        self.eval_ks = sorted({int(k) for k in (eval_ks or (1, 4, w, 4 * w))})
+        self.export = export
+        self.curves: list[dict[str, Any]] = []
+        self.families: list[str] = []
+        # stream mode
+        self.detector = ShiftDetector(**(detector or {})) if reset_on == "detected" else None
+        self.log_norms_every = log_norms_every
+        self.resets: list[int] = []
+        self.core.reset_state(1)
+
+    # -- the streaming API (spec §6), delegated to the core -----------------------------------
+    def reset_state(self, batch: int = 1) -> None:
+        self.core.reset_state(batch)
+
+    def absorb(self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None,
+               label_tokens: torch.Tensor | None = None) -> None:
+        self.core.absorb(tokens, values, mask, label_tokens)
+
+    def commit(self) -> None:
+        self.core.commit()
+
+    def uncommit(self) -> None:
+        self.core.uncommit()
+
+    def stream_state(self) -> dict[str, Any]:
+        return self.core.stream_state()
+
+    def load_stream_state(self, state: dict[str, Any]) -> None:
+        self.core.load_stream_state(state)
+
+    @property
+    def state_nbytes(self) -> int:
+        return self.core.state_nbytes
+
+    def model_size_modules(self) -> list[nn.Module]:
+        return [self.core.mappers, self.core.absorptions]
+
+    # -- Stage B ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.mode == "meta_train":
+            if not isinstance(dm, EpisodeDataModule):
+                raise ValueError("StreamAdapter(mode: meta_train): data must be an "
+                                 "adaptlab.episodes.EpisodeDataModule (data.class_path)")
+            info = dm.task_info()
+            for key in ("size", "n_items", "n_labels"):
+                if info[key] != self.task[key]:
+                    raise ValueError(f"data.{key}: {info[key]!r}, the base was trained with "
+                                     f"{self.task[key]!r}")
+            self.families = list(info["families"])
+        elif isinstance(dm, EpisodeDataModule):
+            raise ValueError("StreamAdapter(mode: stream): data must be a context stream, not "
+                             "episodes; use mode: meta_train to train the adapter")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if self.mode != "meta_train":
+            return None
+        params = self.core.adapter_parameters()
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+
+    def adapted_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absorb every episode's context (one state per episode), answer its queries alone."""
+        self.core.reset_state(len(batch["family"]))
+        if batch["ctx_token"].shape[1]:
+            self.core.absorb(batch["ctx_token"], batch["ctx_value"],
+                             label_tokens=batch["ctx_label"])
+        h = self.core.query_hidden(batch["q_token"], batch["q_value"], batch["q_label"])
+        return family_readout(self.core.base, h, self.vocab)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.mode == "stream":
+            return super().training_step(batch, batch_idx)
+        opt = self.optimizers()
+        factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
+        for g in opt.optimizer.param_groups:
+            g["lr"] = self.lr * factor
+        logits, reg = self.adapted_outputs(batch)
+        loss = family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
+        self._check_finite(loss.detach()[None])
+        self.update(opt, loss, clip=self.clip)
+        self.core.reset_state(1)  # drop the graph-holding state
+        self.samples_seen += len(batch["family"])
+        if self.logger is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self.logger.log_metrics({"train/loss": float(loss.detach()),
+                                     "train/k": float(batch["ctx_token"].shape[1])},
+                                    step=self.update_steps)
+        if self.eval_every and self.update_steps % self.eval_every == 0:
+            self._evaluate_and_log()
+        return None
+
+    def curve(self, families: Sequence[str] | None = None, episodes: int | None = None,
+              ks: Sequence[int] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+        """StreamAdapter's skill per family and k on the fixed evaluation episodes."""
+        was = self.training
+        self.eval()
+        try:
+            return demo_curve(
+                self.adapted_outputs, families or self.families, ks or self.eval_ks,
+                episodes=episodes or self.eval_episodes, n_query=self.task["n_query"],
+                seed=self.eval_seed, size=self.task["size"], vocab=self.vocab,
+                device=self.device)
+        finally:
+            self.core.reset_state(1)
+            self.train(was)
+
+    def _evaluate_and_log(self) -> None:
+        if self.curves and self.curves[-1]["step"] == self.update_steps:
+            return
+        curve = self.curve()
+        self.curves.append({"step": self.update_steps, "curve": curve})
+        if self.logger is not None and self.trainer.is_global_zero:
+            vals = {f"adapter/{f}/k{k}": row["skill"] for f, by_k in curve.items()
+                    for k, row in by_k.items()}
+            self.logger.log_metrics(vals, step=self.update_steps)
+
+    def on_train_end(self) -> None:
+        if self.mode != "meta_train":
+            return
+        self._evaluate_and_log()
+        if not self.trainer.is_global_zero:
+            return
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            write_json_atomic(os.path.join(log_dir, "metrics.json"), {
+                "adapter_curve": self.curves[-1]["curve"], "curves": self.curves,
+                "families": self.families, "steps": self.update_steps,
+                "adapter_params": sum(p.numel() for p in self.core.adapter_parameters()),
+                "base_sha256": self.base_record["sha256"]})
+        if self.export:
+            save_atomic(self.adapter_record(), self.export)
+
+    def adapter_record(self) -> dict[str, Any]:
+        """The Stage B export: adapter weights, settings and the base they belong to."""
+        state = {k: v.detach().cpu() for k, v in self.core.state_dict().items()
+                 if not k.startswith("base.")}
+        return {"format": ADAPTER_FORMAT, "adapter_args": self.adapter_args,
+                "state_dict": state, "base_path": os.path.abspath(self.base_path),
+                "base_sha256": self.base_record["sha256"], "base_record": self.base_record,
+                "families": self.families, "steps": self.update_steps, "seed": self.seed}
+
+    # -- stream mode: the StreamLearner contract ----------------------------------------------
+    def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed context-stream samples (B, 2 + dv) -> tokens (B,), values (B, dv)."""
+        return x[:, 0].long(), x[:, 2:]
+
+    def _restricted(self, h: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits, −inf outside the label block (the evaluator's argmax)."""
+        logits, _ = family_readout(self.core.base, h, self.vocab)
+        out = logits.new_full((*logits.shape[:-1], self.n_classes), float("-inf"))
+        out[..., self.vocab.label_start:self.vocab.xvec] = logits
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Answer packed queries from the current state (no context in the window)."""
+        tokens, values = self._unpack(x)
+        none = torch.full_like(tokens, self.vocab.none)
+        h = self.core.hidden(tokens[:, None], values[:, None], none[:, None])[:, 0]
+        return self._restricted(h)
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-then-absorb: predict the batch from the state, then absorb it as demos."""
+        with torch.no_grad():
+            logits = self(x)
+            lo, hi = self.vocab.label_start, self.vocab.xvec
+            loss = F.cross_entropy(logits[:, lo:hi], y - lo)
+            if self.detector is not None and self._shift(loss):
+                self.core.reset_state(1)
+                self.resets.append(self.batch_position)
+            tokens, values = self._unpack(x)
+            demo_values = values.clone()
+            demo_values[:, -1] = 1.0  # has_y (label families carry y in the label token)
+            self.core.absorb(tokens[None], demo_values[None], label_tokens=y[None])
+        self._count_step()  # absorbing is this learner's update: steps, checkpoints, max_steps
+        self.__dict__["update_steps"] += 1
+        if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
+                and self.logger is not None):
+            self.logger.log_metrics(self.core.norms(), step=self.observe_steps)
+        return logits, loss
+
+    def _shift(self, loss: torch.Tensor) -> bool:
+        """The core detector on the pre-absorb loss, its window seeded with the zero-shot loss
+        (ln of the label count); after a reset the channel is re-seeded the same way."""
+        det = self.detector
+        zero_shot = math.log(self.vocab.n_labels)
+        if det.n_channels == 0:
+            det.add_channel(zero_shot)
+        det.refresh_threshold(0)
+        value = float(loss)
+        c = det.candidate(torch.tensor([value], device=det.sbar.device))[0]
+        if det.fired(0, c, value):
+            det.reset_channel(0, seed=zero_shot)
+            return True
+        det.commit(0, value)
+        return False
+
+    def shift_events(self) -> list[int]:
+        return list(self.resets)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.core.committed:
+            raise ValueError("checkpoint: the adapter is committed (merged weights); "
+                             "uncommit() before saving")
+        super().on_save_checkpoint(checkpoint)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"curves": self.curves, "families": self.families, "resets": self.resets,
+                "stream_state": self.core.stream_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.curves = list(state.get("curves", []))
+        self.families = list(state.get("families", []))
+        self.resets = list(state.get("resets", []))
+        if state.get("stream_state") is not None:
+            self.core.load_stream_state(state["stream_state"])
+
+
+class SegmentReset(pl.Callback):
+    """Oracle resets at true segment changes (`reset_on: segment`; an upper bound only).
+
+    Reads `datamodule.batch_meta()` — segment ids a task-free learner never sees — and calls
+    `reset_state()` before the first chunk of a new segment. Use `data.batches_per_step: 1`
+    so a change is never inside a chunk. Records `oracle_segment_info=true` in hparams.
+    """
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, StreamAdapter) or pl_module.reset_on != "segment":
+            raise ValueError("SegmentReset: needs a StreamAdapter with reset_on: segment")
+        pl_module.hparams["oracle_segment_info"] = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        meta = trainer.datamodule.batch_meta()
+        seg = int(meta["segment_ids"][0])
+        if self.last is not None and seg != self.last:
+            pl_module.reset_state(1)
+            pl_module.resets.append(int(meta["start"]))
+        self.last = int(meta["segment_ids"][-1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last = state.get("last")

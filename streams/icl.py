@@ -647,7 +647,7 @@ def icl_sequences(
     family: str, n: int, k: int, seed: int, size: str = "tiny", vocab: FamilyVocab | None = None,
     key: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """`n` sequences `d1 … dk q` of one fresh task each (`stream_adapter.md` §4).
+    """`n` sequences `d1 … dk q` of one fresh task each (`stream_adapter.md` §4); k >= 0.
 
     Returns `token`, `label_token` (NONE at the query), `value` (n, k+1, value_dim), and the
     query's answer: `target` (a label id; for regression the real `y`), plus `is_regression`.
@@ -656,8 +656,8 @@ def icl_sequences(
         raise ValueError(f"family: {family!r} is not one of {FAMILIES}")
     if size not in SIZES:
         raise ValueError(f"size: {size!r} is not one of {tuple(SIZES)}")
-    if k < 1 or n < 1:
-        raise ValueError(f"n and k: must be >= 1, got {n}, {k}")
+    if k < 0 or n < 1:
+        raise ValueError(f"n must be >= 1 and k >= 0, got {n}, {k}")
     v = vocab or FamilyVocab()
     g = rng(seed, Purpose.ICL_TASK, FAMILIES.index(family), key)
     s = SIZES[size]
@@ -730,8 +730,10 @@ def episodes(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """`n` episodes of one task each: a `context` of k demonstrations and `n_query` queries
     of the same task (StreamAdapter: the context is absorbed, queries run alone)."""
-    seqs = icl_sequences(family, n, k + n_query, seed, size, vocab, key)
-    m = k + n_query
+    if n_query < 1:
+        raise ValueError(f"n_query: must be >= 1, got {n_query}")
+    seqs = icl_sequences(family, n, k + n_query - 1, seed, size, vocab, key)
+    m = k + n_query  # positions: k demos, then n_query queries (the last is the ICL query)
     ctx = {f: seqs[f][:, :k] for f in ("token", "label_token", "value")}
     # queries: the last n_query examples; their answers are read before the labels are hidden
     if family in REGRESSION:
@@ -743,3 +745,142 @@ def episodes(
          "target": answers}
     q["value"][..., -2:] = 0.0
     return {"context": ctx, "queries": q}
+
+
+def family_batch(
+    families: tuple[str, ...] | list[str], per_family: int, k: int, n_query: int, seed: int,
+    size: str = "tiny", vocab: FamilyVocab | None = None, key: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Episodes of several families in one batch, all with the same `k` (no padding).
+
+    Flat fields: `ctx_token`, `ctx_label`, `ctx_value` (B, k[, dv]) — the demonstrations;
+    `q_token`, `q_label` (NONE), `q_value` (B, q[, dv]) — the queries, labels hidden;
+    `target` (B, q) float (label ids for label families, `y` for regression); `family` (B,)
+    the index into `FAMILIES`. `per_family` episodes of each family, in `families` order.
+    """
+    parts = [episodes(f, per_family, k, n_query, seed, size, vocab, key) for f in families]
+    out = {
+        "ctx_token": torch.cat([p["context"]["token"] for p in parts]),
+        "ctx_label": torch.cat([p["context"]["label_token"] for p in parts]),
+        "ctx_value": torch.cat([p["context"]["value"] for p in parts]),
+        "q_token": torch.cat([p["queries"]["token"] for p in parts]),
+        "q_label": torch.cat([p["queries"]["label_token"] for p in parts]),
+        "q_value": torch.cat([p["queries"]["value"] for p in parts]),
+        "target": torch.cat([p["queries"]["target"].float() for p in parts]),
+    }
+    out["family"] = torch.cat([torch.full((per_family,), FAMILIES.index(f), dtype=torch.long)
+                               for f in families])
+    return out
+
+
+def family_skill(family: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-query skill: accuracy (0/1) for label families, `1 − (ŷ − y)²` for regression.
+
+    Regression targets have Var y = 1 by construction, so the mean of `(ŷ − y)²` *is* the
+    nMSE, and the spec's skill `max(0, 1 − nMSE)` is `max(0, mean of this)`; `pred` is the
+    predicted label id (label families) or the real prediction (regression).
+    """
+    if family in REGRESSION:
+        return 1.0 - (pred.float() - target.float()) ** 2
+    return (pred.long() == target.long()).float()
+
+
+# ============================================================================ context streams
+
+
+def pack_queries(token: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Examples as stream samples (n, 2 + dv) float: `[token, NONE-slot, value]`, labels hidden.
+
+    The label slot is a placeholder (the learner fills `label_token` from `y` when it absorbs a
+    labelled example); `value`'s `y` and `has_y` entries must already be zero.
+    """
+    n = token.shape[0]
+    return torch.cat([token.float()[:, None], torch.zeros(n, 1), value.float()], 1)
+
+
+class ContextStream(StreamBuilder):
+    """A test-time context stream (`stream_adapter.md` §4, §6): each segment is one task of a
+    label family; its labelled examples arrive in mini-batches, nobody says when the task
+    changes. `order` may repeat a task (recurring: fresh examples, same task).
+
+    Samples are packed `[token, label slot, value]` rows (`pack_queries`), `y` the label id;
+    each segment has `n_test` held-out queries of its task for the accuracy matrix.
+
+    Args:
+        family: a label family (`logreg`, `tokcls4`, `tokcls8`, `bool_conj`, `bool_disj`).
+        n_tasks: distinct tasks (segments); `order`: their occurrences (default each once).
+        examples_per_segment: labelled examples per occurrence.
+        batch_size: examples per `observe`.
+        size, n_items, n_labels: as the base's `EpisodeDataModule`.
+        n_test: held-out queries per task. `seed`: tasks and examples.
+    """
+
+    kind = "context"
+
+    def __init__(
+        self, *, family: str = "tokcls4", n_tasks: int = 4, order: list[int] | None = None,
+        examples_per_segment: int = 64, batch_size: int = 4, size: str = "tiny",
+        n_items: int = 64, n_labels: int = 16, n_test: int = 256, seed: int = 0,
+    ) -> None:
+        if family not in FAMILIES or family in REGRESSION:
+            raise ValueError(f"family: a context stream needs a label family, one of "
+                             f"{tuple(f for f in FAMILIES if f not in REGRESSION)}; got {family!r}")
+        if size not in SIZES:
+            raise ValueError(f"size: {size!r} is not one of {tuple(SIZES)}")
+        for name, val in (("n_tasks", n_tasks), ("examples_per_segment", examples_per_segment),
+                          ("batch_size", batch_size), ("n_test", n_test)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {val!r}")
+        self.order = list(range(n_tasks)) if order is None else [int(o) for o in order]
+        if not self.order or any(not 0 <= o < n_tasks for o in self.order):
+            raise ValueError(f"order: task ids must be in [0, {n_tasks}), got {order!r}")
+        self.family, self.n_tasks, self.per = family, n_tasks, examples_per_segment
+        self.batch_size, self.size, self.n_test, self.seed = batch_size, size, n_test, seed
+        self.vocab = FamilyVocab(n_items, n_labels)
+
+    def params(self) -> dict[str, Any]:
+        return {"family": self.family, "n_tasks": self.n_tasks, "order": self.order,
+                "examples_per_segment": self.per, "batch_size": self.batch_size,
+                "size": self.size, "n_items": self.vocab.n_items, "n_labels": self.vocab.n_labels,
+                "n_test": self.n_test, "seed": self.seed}
+
+    def build(self) -> Stream:
+        counts = {t: self.order.count(t) for t in set(self.order)}
+        xs, ys, tests = {}, {}, {}
+        for t, c in counts.items():
+            # one task per id: all its occurrences and its test queries from one draw
+            m = c * self.per + self.n_test
+            s = icl_sequences(self.family, 1, m - 1, self.seed, self.size, self.vocab, key=t)
+            label = s["label_token"][0].clone()
+            label[-1] = s["target"][0]
+            value = s["value"][0].clone()
+            value[:, -2:] = 0.0
+            x = pack_queries(s["token"][0], value)
+            xs[t], ys[t] = x[: c * self.per], label[: c * self.per]
+            tests[t] = (x[c * self.per:], label[c * self.per:])
+        seen: dict[int, int] = {}
+        x_parts, y_parts = [], []
+        for t in self.order:
+            j = seen.get(t, 0)
+            seen[t] = j + 1
+            x_parts.append(xs[t][j * self.per:(j + 1) * self.per])
+            y_parts.append(ys[t][j * self.per:(j + 1) * self.per])
+        n_occ = len(self.order)
+        ends = tuple(self.per * (i + 1) for i in range(n_occ))
+        used = tuple(sorted(counts))
+        segments = tuple(Segment(t, f"task{t}", self.family, {"task": t},
+                                 self.per * counts[t], self.n_test) for t in used)
+        shifts = tuple(self.per * i for i in range(1, n_occ) if self.order[i] != self.order[i - 1])
+        params = self.params()
+        return Stream(
+            name=f"context_{self.family}", kind=self.kind, x=torch.cat(x_parts),
+            y=torch.cat(y_parts).long(),
+            segment_ids=torch.from_numpy(np.repeat(np.asarray(self.order, np.int64), self.per)),
+            segments=segments, test_sets=tests, batch_size=self.batch_size,
+            n_classes=self.vocab.size, eval_positions=ends, row_segments=tuple(self.order),
+            first_rows=tuple(self.order.index(t) for t in used), true_shifts=shifts,
+            seed=self.seed, split_seed=self.seed, params=params,
+            source_fingerprint="generated:" + hashlib.sha256(
+                json.dumps(params, sort_keys=True).encode()).hexdigest(),
+            order_digest="",
+        )

@@ -168,4 +168,23 @@ def test_families(family):
 def test_episodes_share_a_task():
     e = episodes("tokcls4", 16, 6, 3, seed=1)
     assert e["context"]["token"].shape == (16, 6) and e["queries"]["target"].shape == (16, 3)
+    assert e["queries"]["token"].shape == (16, 3) and e["queries"]["value"].shape[1] == 3
     assert (e["queries"]["label_token"] == FamilyVocab().none).all()
+    # every query whose item was shown in the context has that item's label as its answer
+    ctx_tok, ctx_lab = e["context"]["token"], e["context"]["label_token"]
+    hits = 0
+    for r in range(16):
+        for j in range(3):
+            shown = ctx_lab[r][ctx_tok[r] == e["queries"]["token"][r, j]]
+            if len(shown):
+                hits += 1
+                assert int(shown[0]) == int(e["queries"]["target"][r, j])
+    assert hits > 10
+
+
+def test_regression_episode_answers_are_the_hidden_ys():
+    e = episodes("linreg", 8, 5, 4, seed=2)
+    full = icl_sequences("linreg", 8, 8, seed=2)  # same task draw: k + n_query - 1 = 8
+    torch.testing.assert_close(e["queries"]["target"][:, :3], full["value"][:, 5:8, -2])
+    torch.testing.assert_close(e["queries"]["target"][:, 3], full["target"])
+    assert (e["queries"]["value"][..., -2:] == 0).all()

@@ -1,4 +1,4 @@
-"""StreamAdapter, first slice (spec `stream_adapter.md` §8, items 1–8 minus checkpoints).
+"""AdaptedGPT, first slice (spec `stream_adapter.md` §8, items 1–8 minus checkpoints).
 
 A random tiny TinyGPT (2 layers, d 16, 2 heads) with a large init, so keys and values differ
 enough between positions for a broken mask, block or merge to show. `W1` is set non-zero
@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptlab.models import TinyGPT
-from strategies.stream_adapter import ContextMapper, StreamAdapter, read_state
+from strategies.stream_adapter import AdaptedGPT, ContextMapper, read_state
 
 torch.set_num_threads(1)
 
@@ -27,11 +27,11 @@ def make_base(seed: int = 0) -> TinyGPT:
     )
 
 
-def make_adapter(seed: int = 0, perturb: bool = True, **kwargs) -> StreamAdapter:
+def make_adapter(seed: int = 0, perturb: bool = True, **kwargs) -> AdaptedGPT:
     """Adapter with C = 4, B_enc = 8; `perturb` gives every `W1` a random non-zero value."""
     base = make_base(seed)
     kwargs = {"n_slots": 2, "chunk_size": 4, "block_size": 8, **kwargs}
-    adapter = StreamAdapter(base, **kwargs)
+    adapter = AdaptedGPT(base, **kwargs)
     if perturb:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
@@ -49,7 +49,7 @@ def context(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch
 QUERY = torch.tensor([[3], [7]])
 
 
-def base_weights(adapter: StreamAdapter) -> dict[str, torch.Tensor]:
+def base_weights(adapter: AdaptedGPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in adapter.base.state_dict().items()}
 
 
@@ -226,7 +226,7 @@ def test_batch_of_unequal_contexts_equals_each_alone() -> None:
 # 5. frozen base ------------------------------------------------------------------------------
 
 
-def _stage_b_loss(adapter: StreamAdapter) -> torch.Tensor:
+def _stage_b_loss(adapter: AdaptedGPT) -> torch.Tensor:
     adapter.reset_state(batch=2)
     adapter.absorb(*context(2, 14, seed=5))  # 3 valid chunks and a pending tail: gates are used
     logits = adapter(QUERY)
@@ -268,12 +268,11 @@ def test_train_mode_keeps_base_in_eval() -> None:
 # 6. constant query cost ----------------------------------------------------------------------
 
 
-def _query_cost(adapter: StreamAdapter, k: int) -> dict[str, object]:
+def _query_cost(adapter: AdaptedGPT, k: int) -> dict[str, object]:
     adapter.reset_state()
     seen: list[tuple] = []
-    handle = adapter.base.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((tuple(args[0].shape), kwargs.get("past_kv"))),
-        with_kwargs=True,
+    handle = adapter.base.blocks[0].register_forward_pre_hook(  # (B, T) and the KV past
+        lambda m, args: seen.append((tuple(args[0].shape[:2]), args[1] if len(args) > 1 else None))
     )
     tokens, values = context(1, k, seed=k)
     max_cache = 0
@@ -370,13 +369,13 @@ def test_read_state_is_normalised_and_zero_when_empty() -> None:
 
 def test_readable_errors() -> None:
     with pytest.raises(ValueError, match="divide block_size"):
-        StreamAdapter(make_base(), chunk_size=3, block_size=8)
+        AdaptedGPT(make_base(), chunk_size=3, block_size=8)
     with pytest.raises(ValueError, match="exceeds the base's n_positions"):
-        StreamAdapter(make_base(), chunk_size=4, block_size=32)
+        AdaptedGPT(make_base(), chunk_size=4, block_size=32)
     with pytest.raises(ValueError, match="targets: unknown 'gate_proj'"):
-        StreamAdapter(make_base(), chunk_size=4, block_size=8, targets=["v", "gate_proj"])
+        AdaptedGPT(make_base(), chunk_size=4, block_size=8, targets=["v", "gate_proj"])
     with pytest.raises(ValueError, match="layers"):
-        StreamAdapter(make_base(), chunk_size=4, block_size=8, layers=5)
+        AdaptedGPT(make_base(), chunk_size=4, block_size=8, layers=5)
     adapter = make_adapter()
     adapter.reset_state(batch=2)
     adapter.absorb(*context(2, 5))

@@ -1,0 +1,309 @@
+"""Stage A of StreamAdapter: a `TinyGPT` trained to learn the task families in context.
+
+`FamilyInContextLearner` (spec `stream_adapter.md` §5, Stage A) trains a TinyGPT from scratch
+on `EpisodeDataModule` batches — every family in one batch, `k ~ U{0…W}` demonstrations, then
+`q_A` queries with hidden labels — with the loss at the query positions (cross-entropy over the
+label block, MSE through the regression head), averaged per family and summed. It logs the ICL
+curve (skill vs k) and, at the end, the `icl_check` gate: the adapter of Stage B can only absorb
+what the frozen base can use in context. It then exports the base (`export:`), with its task
+layout, gate result and a content hash, for Stage B and the benchmark.
+
+The read-out (`family_readout`, `family_loss`, `icl_outputs`) is shared with Stage B and the
+ICL baseline of `tools/stream_adapter_bench.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adaptlab.episodes import EpisodeDataModule, average_skill, demo_curve
+from adaptlab.jsonio import write_json_atomic
+from adaptlab.learner import StreamLearner, warmup_cosine
+from adaptlab.models import TinyGPT
+from adaptlab.streams.icl import FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
+
+REG_IDS = tuple(FAMILIES.index(f) for f in REGRESSION)
+BASE_FORMAT = "adaptlab.tinygpt/1"
+
+
+# ----- read-out and loss (shared by Stage A, Stage B and the ICL baseline) -------------------
+
+
+def family_readout(
+    model: TinyGPT, h: torch.Tensor, vocab: FamilyVocab
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-block logits (…, L) through the tied head, and the regression read-out (…)."""
+    lo, hi = vocab.label_start, vocab.xvec
+    head = model.get_output_embeddings()
+    bias = None if head.bias is None else head.bias[lo:hi]
+    return F.linear(h, head.weight[lo:hi], bias), model.regress(h)
+
+
+def family_loss(
+    logits: torch.Tensor, reg: torch.Tensor, target: torch.Tensor, family: torch.Tensor,
+    vocab: FamilyVocab,
+) -> torch.Tensor:
+    """Per family: cross-entropy over the label block or MSE; averaged per family, summed."""
+    total = logits.new_zeros(())
+    for f in family.unique().tolist():
+        rows = family == f
+        if f in REG_IDS:
+            total = total + F.mse_loss(reg[rows], target[rows])
+        else:
+            lab = (target[rows] - vocab.label_start).long()
+            total = total + F.cross_entropy(logits[rows].flatten(0, 1), lab.flatten())
+    return total
+
+
+def icl_outputs(
+    model: TinyGPT, batch: dict[str, torch.Tensor], vocab: FamilyVocab,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-context learning: `d1 … dk q1 … qq` in the window, read at the query positions.
+
+    `window` truncates the context to its last `window` demonstrations (truncated ICL).
+    """
+    ct, cl, cv = batch["ctx_token"], batch["ctx_label"], batch["ctx_value"]
+    if window is not None and ct.shape[1] > window:
+        ct, cl, cv = ct[:, -window:], cl[:, -window:], cv[:, -window:]
+    k = ct.shape[1]
+    tokens = torch.cat([ct, batch["q_token"]], 1)
+    labels = torch.cat([cl, batch["q_label"]], 1)
+    values = torch.cat([cv, batch["q_value"]], 1)
+    h, _ = model.hidden(tokens, values, label_tokens=labels)
+    return family_readout(model, h[:, k:], vocab)
+
+
+def icl_check(
+    curve: dict[str, dict[int, dict[str, float]]], window: int, min_gain: float = 0.15,
+    max_nmse: float = 0.6,
+) -> dict[str, Any]:
+    """Stage A gate (§5): at k = W every family must clearly beat k = 0 — label families gain
+    `min_gain` accuracy, regression reaches nMSE ≤ `max_nmse`. `failing` names the others."""
+    failing, rows = [], {}
+    for fam, by_k in curve.items():
+        if 0 not in by_k or window not in by_k:
+            continue
+        if fam in REGRESSION:
+            ok = by_k[window]["nmse"] <= max_nmse
+            rows[fam] = {"nmse_W": by_k[window]["nmse"], "pass": ok}
+        else:
+            gain = by_k[window]["skill"] - by_k[0]["skill"]
+            ok = gain >= min_gain
+            rows[fam] = {"gain_W": gain, "pass": ok}
+        if not ok:
+            failing.append(fam)
+    return {"passed": not failing and bool(rows), "failing": failing, "families": rows,
+            "min_gain": min_gain, "max_nmse": max_nmse, "window": window}
+
+
+# ----- the exported base ---------------------------------------------------------------------
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """`torch.save` to `<path>.tmp`, then rename: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_base(path: str) -> tuple[TinyGPT, dict[str, Any]]:
+    """The Stage A export: the TinyGPT (weights loaded) and its record (task, gate, hash)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"base: no Stage A export at {path!r}; run "
+            "`adaptlab fit --config configs/icl/pretrain_tinygpt.yaml` first"
+        )
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"base: {path!r} is not readable ({type(err).__name__})") from None
+    if not isinstance(rec, dict) or rec.get("format") != BASE_FORMAT:
+        raise ValueError(f"base: {path!r} is not a TinyGPT export ({BASE_FORMAT})")
+    model = TinyGPT(**rec["arch"])
+    model.load_state_dict(rec["state_dict"])
+    return model, rec
+
+
+# ----- Stage A -------------------------------------------------------------------------------
+
+
+class FamilyInContextLearner(StreamLearner):
+    """Stage A: a TinyGPT learns every task family in context (spec §5).
+
+    Args:
+        n_layer, d_model, n_head, d_mlp, initializer_range: the TinyGPT (its vocabulary,
+            positions and value width are linked from the data module).
+        lr, betas, weight_decay, warmup_steps, clip: AdamW with linear warm-up and cosine
+            decay to 0 at `trainer.max_steps`; decay on matrices only; gradient-norm clip.
+        eval_every: optimizer steps between ICL-curve evaluations (0: only at the end).
+        eval_episodes: episodes per (family, k) in an evaluation.
+        eval_ks: demonstration counts of the curve (default 0, 1, 2, 4, 8, W).
+        eval_seed: the fixed evaluation episodes.
+        gate_min_gain, gate_max_nmse: the `icl_check` thresholds.
+        export: where to write the trained base for Stage B (None: not exported).
+        **kwargs: `StreamLearner` arguments (linked shapes, seed).
+    """
+
+    def __init__(
+        self, *, n_layer: int = 3, d_model: int = 64, n_head: int = 4, d_mlp: int = 256,
+        initializer_range: float = 0.02, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.98),
+        weight_decay: float = 0.01, warmup_steps: int = 200, clip: float | None = 1.0,
+        eval_every: int = 500, eval_episodes: int = 256, eval_ks: Sequence[int] | None = None,
+        eval_seed: int = 4321, gate_min_gain: float = 0.15, gate_max_nmse: float = 0.6,
+        export: str | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if len(self.input_shape) != 2:
+            raise ValueError(
+                f"input_shape: (positions, value width) from an EpisodeDataModule, got "
+                f"{self.input_shape}; use data.class_path: adaptlab.episodes.EpisodeDataModule"
+            )
+        if lr <= 0 or warmup_steps < 0 or eval_every < 0 or eval_episodes < 2:
+            raise ValueError("lr > 0, warmup_steps >= 0, eval_every >= 0, eval_episodes >= 2")
+        n_pos, d_value = self.input_shape
+        self.arch = {"vocab_size": self.n_classes, "n_positions": n_pos, "n_layer": n_layer,
+                     "d_model": d_model, "n_head": n_head, "d_mlp": d_mlp,
+                     "pad_id": self.n_classes - 1, "d_value": d_value, "reg_head": True,
+                     "initializer_range": initializer_range}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = TinyGPT(**self.arch)
+        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
+        self.warmup_steps, self.clip = warmup_steps, clip
+        self.eval_every, self.eval_episodes, self.eval_seed = eval_every, eval_episodes, eval_seed
+        self.eval_ks = None if eval_ks is None else sorted({int(k) for k in eval_ks})
+        self.gate = (gate_min_gain, gate_max_nmse)
+        self.export = export
+        self.task: dict[str, Any] = {}
+        self.curves: list[dict[str, Any]] = []
+        self.check: dict[str, Any] | None = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(dm, EpisodeDataModule):
+            raise ValueError("FamilyInContextLearner: trains on adaptlab.episodes."
+                             "EpisodeDataModule (data.class_path), not on a stream")
+        if dm.vocab.size != self.n_classes:
+            raise ValueError(f"data: vocabulary {dm.vocab.size} != the model's {self.n_classes}")
+        self.task = dm.task_info()
+
+    @property
+    def vocab(self) -> FamilyVocab:
+        return FamilyVocab(self.task["n_items"], self.task["n_labels"])
+
+    @property
+    def ks(self) -> list[int]:
+        w = self.task["window"]
+        return self.eval_ks or sorted(k for k in {0, 1, 2, 4, 8, w} if k <= w)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            big = p.ndim >= 2 and not name.startswith(("wte", "wpe"))
+            (decay if big else no_decay).append(p)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
+        for g in opt.optimizer.param_groups:
+            g["lr"] = self.lr * factor
+        logits, reg = icl_outputs(self.model, batch, self.vocab)
+        loss = family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
+        self._check_finite(loss.detach()[None])
+        self.update(opt, loss, clip=self.clip)
+        self.samples_seen += len(batch["family"])
+        if self.logger is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self.logger.log_metrics(
+                {"train/loss": float(loss.detach()), "train/lr": self.lr * factor},
+                step=self.update_steps)
+        if self.eval_every and self.update_steps % self.eval_every == 0:
+            self._evaluate_and_log()
+
+    def curve(self, episodes: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
+        """The ICL curve of the current model on the fixed evaluation episodes."""
+        was = self.training
+        self.eval()
+        try:
+            return demo_curve(
+                lambda b: icl_outputs(self.model, b, self.vocab), self.task["families"], self.ks,
+                episodes=episodes or self.eval_episodes, n_query=self.task["n_query"],
+                seed=self.eval_seed, size=self.task["size"], vocab=self.vocab,
+                device=self.device)
+        finally:
+            self.train(was)
+
+    def _evaluate_and_log(self) -> None:
+        if self.curves and self.curves[-1]["step"] == self.update_steps:
+            return
+        curve = self.curve()
+        self.curves.append({"step": self.update_steps, "curve": curve})
+        if self.logger is not None and self.trainer.is_global_zero:
+            vals = {f"icl/{f}/k{k}": row["skill"] for f, by_k in curve.items()
+                    for k, row in by_k.items()}
+            for name, fams in (("seen", SEEN), ("unseen", UNSEEN)):
+                vals[f"icl/{name}/kW"] = average_skill(curve, fams, self.task["window"])
+            self.logger.log_metrics(vals, step=self.update_steps)
+
+    def on_train_end(self) -> None:
+        self._evaluate_and_log()
+        curve = self.curves[-1]["curve"]
+        self.check = icl_check(curve, self.task["window"], *self.gate)
+        if not self.trainer.is_global_zero:
+            return
+        log_dir = self.trainer.log_dir
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            write_json_atomic(os.path.join(log_dir, "metrics.json"),
+                              {"icl_check": self.check, "icl_curve": curve, "task": self.task,
+                               "curves": self.curves, "steps": self.update_steps})
+            self._log_figure(curve)
+        if self.export:
+            save_atomic(self.base_record(), self.export)
+
+    def base_record(self) -> dict[str, Any]:
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"format": BASE_FORMAT, "arch": self.arch, "state_dict": state,
+                "sha256": state_hash(state), "task": self.task, "icl_check": self.check,
+                "steps": self.update_steps, "seed": self.seed}
+
+    def _log_figure(self, curve: dict[str, dict[int, dict[str, float]]]) -> None:
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_figure"):
+            return
+        from adaptlab.figures import demo_curve_figure, plt
+
+        fig = demo_curve_figure({"ICL": curve}, title="Stage A: ICL skill vs demonstrations")
+        exp.add_figure("icl_curve", fig, global_step=self.update_steps)
+        plt.close(fig)
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"curves": self.curves, "task": self.task}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.curves = list(state.get("curves", []))
+        self.task = dict(state.get("task", {}))

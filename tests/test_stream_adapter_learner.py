@@ -1,0 +1,293 @@
+"""StreamAdapter as a learner: Stage A (`FamilyInContextLearner`), Stage B meta-training, the
+test-time context stream (`mode: stream`), exports, errors and resume (spec §5, §6, §8).
+
+Everything runs on a tiny random base (d 16, 2 layers) trained for a handful of steps, so the
+tests check plumbing and invariants, not accuracy (that is `tools/stream_adapter_bench.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from adaptlab.data import StreamDataModule
+from adaptlab.episodes import EpisodeDataModule, draw_k
+from adaptlab.evaluation import StreamEvaluator
+from adaptlab.streams.icl import ContextStream
+from strategies.icl_families import (
+    FamilyInContextLearner,
+    icl_outputs,
+    load_base,
+    save_atomic,
+    state_hash,
+)
+from strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
+
+torch.set_num_threads(1)
+TINY = {"n_layer": 2, "d_model": 16, "n_head": 2, "d_mlp": 32}
+SEEN = ["tokcls4", "bool_conj"]
+
+
+def episode_dm(families=("tokcls4", "bool_conj", "linreg"), **kw) -> EpisodeDataModule:
+    args = {"families": list(families), "window": 8, "n_query": 2, "per_family": 4,
+            "steps": 6, "seed": 0, **kw}
+    return EpisodeDataModule(**args)
+
+
+def trainer(tmp_path, name: str, steps: int, **kw) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=1, max_steps=steps, logger=TensorBoardLogger(str(tmp_path), name=name),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory) -> str:
+    """A Stage A export: 6 steps of a tiny TinyGPT (fails the gate: it has not learned)."""
+    tmp = tmp_path_factory.mktemp("stage_a")
+    dm = episode_dm()
+    learner = FamilyInContextLearner(
+        input_shape=dm.input_shape, n_classes=dm.n_classes, batch_size=dm.batch_size,
+        eval_every=3, eval_episodes=8, export=str(tmp / "base.pt"), **TINY)
+    trainer(tmp, "a", 6).fit(learner, datamodule=dm)
+    return str(tmp / "base.pt")
+
+
+@pytest.fixture(scope="module")
+def adapter_path(base_path, tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("stage_b")
+    dm = episode_dm(SEEN, k_dist="loguniform", k_min=1, k_max=20)
+    sa = StreamAdapter(base=base_path, allow_weak_base=True, n_slots=2, chunk_size=4,
+                       eval_every=0, eval_episodes=8, eval_ks=[1, 4], export=str(tmp / "sa.pt"),
+                       input_shape=dm.input_shape, n_classes=dm.n_classes,
+                       batch_size=dm.batch_size)
+    trainer(tmp, "b", 6).fit(sa, datamodule=dm)
+    return str(tmp / "sa.pt")
+
+
+# ----- episodes --------------------------------------------------------------------------------
+
+
+def test_episode_batches_are_a_function_of_seed_and_step():
+    a, b = episode_dm(), episode_dm()
+    for i in (0, 3):
+        for key, t in a.batch(i).items():
+            assert torch.equal(t, b.batch(i)[key])
+    assert not torch.equal(a.batch(0)["q_token"], episode_dm(seed=1).batch(0)["q_token"])
+    ks = {draw_k(0, i, "loguniform", 1, 64) for i in range(300)}
+    assert min(ks) == 1 and max(ks) > 32 and all(1 <= k <= 64 for k in ks)
+
+
+def test_episode_errors():
+    with pytest.raises(ValueError, match="families"):
+        episode_dm(families=("linreg", "nope"))
+    with pytest.raises(ValueError, match="k_dist"):
+        episode_dm(k_dist="normal")
+    with pytest.raises(ValueError, match="k_min, k_max"):
+        episode_dm(k_min=5, k_max=2)
+
+
+# ----- Stage A ---------------------------------------------------------------------------------
+
+
+def test_stage_a_exports_base_with_hash_and_gate(base_path):
+    model, rec = load_base(base_path)
+    assert rec["sha256"] == state_hash(model.state_dict())
+    assert rec["task"]["window"] == 8 and rec["task"]["n_query"] == 2
+    check = rec["icl_check"]
+    assert set(check["families"]) == {"tokcls4", "bool_conj", "linreg"}
+    assert check["passed"] is False and check["failing"]  # 6 steps learn nothing
+    assert model.reg_head is not None and model.value_in is not None
+
+
+def test_stage_a_learns_in_context(tmp_path):
+    """1000 steps on tokcls4 alone: the base's accuracy at k = W clearly beats k = 0."""
+    dm = episode_dm(["tokcls4"], steps=1000, per_family=32)
+    learner = FamilyInContextLearner(
+        input_shape=dm.input_shape, n_classes=dm.n_classes, batch_size=dm.batch_size,
+        eval_every=0, eval_episodes=64, lr=3e-3, warmup_steps=10, n_layer=2, d_model=32,
+        n_head=2, d_mlp=64)
+    trainer(tmp_path, "a", 1000).fit(learner, datamodule=dm)
+    curve = learner.curve()["tokcls4"]
+    assert curve[8]["skill"] > curve[0]["skill"] + 0.15
+    metrics = json.load(open(os.path.join(tmp_path, "a", "version_0", "metrics.json")))
+    assert "icl_check" in metrics and "tokcls4" in metrics["icl_curve"]
+
+
+# ----- Stage B ---------------------------------------------------------------------------------
+
+
+def test_stage_b_refuses_a_base_without_icl(base_path):
+    dm = episode_dm(SEEN)
+    with pytest.raises(ValueError, match="failed Stage A's icl_check"):
+        StreamAdapter(base=base_path, input_shape=dm.input_shape, n_classes=dm.n_classes)
+
+
+def test_stage_b_trains_only_the_adapter(base_path, adapter_path):
+    core, rec = load_adapter(adapter_path)
+    base, base_rec = load_base(base_path)
+    assert rec["base_sha256"] == base_rec["sha256"] == state_hash(core.base.state_dict())
+    assert rec["families"] == SEEN and rec["steps"] == 6
+    w1 = [a.w1 for a in core.absorptions.values()]
+    assert any(float(w.abs().max()) > 0 for w in w1)  # trained away from the zero init
+
+
+def test_stage_b_step_zero_is_zero_shot(base_path):
+    """A0: `W1 = 0` (fresh adapter) answers every query exactly as the base with no context."""
+    dm = episode_dm(SEEN)
+    sa = StreamAdapter(base=base_path, allow_weak_base=True, input_shape=dm.input_shape,
+                       n_classes=dm.n_classes, chunk_size=4)
+    batch = dm.batch(2)
+    assert batch["ctx_token"].shape[1] > 0
+    with torch.no_grad():
+        logits, reg = sa.adapted_outputs(batch)
+        empty = {**batch, **{f: batch[f][:, :0] for f in ("ctx_token", "ctx_label", "ctx_value")}}
+        z_logits = torch.stack([icl_outputs(sa.core.base, {**empty, **{
+            f: batch[f][:, j:j + 1] for f in ("q_token", "q_label", "q_value")}}, sa.vocab)[0][:, 0]
+            for j in range(batch["q_token"].shape[1])], 1)
+    torch.testing.assert_close(logits, z_logits, atol=1e-6, rtol=0)
+
+
+def test_adapter_with_another_base_is_refused(base_path, adapter_path, tmp_path):
+    model, rec = load_base(base_path)
+    with torch.no_grad():
+        model.head.weight.add_(0.01)
+    rec = {**rec, "state_dict": model.state_dict(), "sha256": state_hash(model.state_dict())}
+    other = str(tmp_path / "other.pt")
+    save_atomic(rec, other)
+    with pytest.raises(ValueError, match="trained on base"):
+        load_adapter(adapter_path, other)
+
+
+# ----- stream mode -----------------------------------------------------------------------------
+
+
+def context_stream(**kw):
+    args = {"family": "tokcls4", "n_tasks": 3, "order": [0, 1, 0, 2], "examples_per_segment": 24,
+            "batch_size": 4, "n_test": 16, "seed": 0, "n_items": 64, "n_labels": 16}
+    return ContextStream(**{**args, **kw}).build()
+
+
+def stream_learner(base_path, adapter_path, **kw) -> StreamAdapter:
+    st = context_stream()
+    return StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
+                         input_shape=st.input_shape, n_classes=st.n_classes,
+                         batch_size=st.batch_size, log_norms_every=0, **kw)
+
+
+def test_context_stream_layout():
+    st = context_stream()
+    assert st.x.shape == (96, 2 + 8) and st.true_shifts == (24, 48, 72)
+    assert ((st.y >= 64) & (st.y < 80)).all()
+    # a recurring task keeps its item -> label map; different tasks have their own
+    def table(s, e):
+        return {int(t): int(y) for t, y in zip(st.x[s:e, 0], st.y[s:e])}
+    first, again = table(0, 24), table(48, 72)
+    assert all(again[t] == first[t] for t in set(first) & set(again))
+    with pytest.raises(ValueError, match="label family"):
+        ContextStream(family="linreg")
+
+
+def test_stream_mode_predicts_then_absorbs(base_path, adapter_path):
+    sa = stream_learner(base_path, adapter_path, reset_on="none")
+    st = context_stream()
+    x, y = st.x[:4], st.y[:4]
+    before = sa(x)
+    logits, loss = sa.observe(x, y)
+    assert torch.equal(logits, before)  # test-then-train: pre-absorb predictions
+    assert int(sa.core.effective_state()[1]) == 1  # one (masked) chunk of 4 demos absorbed
+    assert not torch.allclose(sa(x), before)  # the state now changes the answers
+    assert torch.isfinite(logits[:, 64:80]).all() and torch.isinf(logits[:, :64]).all()
+    assert sa.configure_optimizers() is None
+
+
+def test_detector_resets_on_a_loss_jump(base_path, adapter_path):
+    sa = stream_learner(base_path, adapter_path, reset_on="detected",
+                        detector={"window": 5, "alpha": 1.0, "grace": 3, "sigma_floor": 0.05})
+    # the window starts from the zero-shot loss ln 16, pushed out after 5 losses
+    lows = [0.3, 0.32, 0.29, 0.31, 0.3, 0.33, 0.3, 0.31]
+    fired = [sa._shift(torch.tensor(v)) for v in [*lows, 3.0]]
+    assert fired == [False] * len(lows) + [True]
+    assert float(sa.detector.window[0, 0]) == pytest.approx(math.log(16))  # re-seeded
+    assert int(sa.detector.steps[0]) == 0  # re-seeded: grace again before the next firing
+
+
+def run_stream(base_path, adapter_path, log_dir, crash_at=None, ckpt_path=None,
+               reset_on="detected"):
+    st = context_stream()
+    sa = stream_learner(base_path, adapter_path, reset_on=reset_on,
+                        detector={"window": 10, "grace": 2})
+    ckpt = ModelCheckpoint(dirpath=os.path.join(log_dir, "ckpt"), every_n_train_steps=5,
+                           save_last=True, save_top_k=-1)
+    callbacks = [StreamEvaluator(print_table=False, figures=False), ckpt]
+    if reset_on == "segment":
+        callbacks.append(SegmentReset())
+    if crash_at:
+        callbacks.append(Crash(crash_at))
+    tr = pl.Trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
+                    num_sanity_val_steps=0, enable_model_summary=False,
+                    logger=TensorBoardLogger(log_dir, name="run", version=0))
+    tr.fit(sa, datamodule=StreamDataModule(st, batches_per_step=1), ckpt_path=ckpt_path)
+    return json.load(open(os.path.join(tr.log_dir, "metrics.json"))), sa
+
+
+class Crash(pl.Callback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def test_stream_resumed_mid_segment_predicts_the_same(base_path, adapter_path, tmp_path):
+    whole, sa_whole = run_stream(base_path, adapter_path, str(tmp_path / "whole"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_stream(base_path, adapter_path, str(tmp_path / "cut"), crash_at=8)  # in task 1
+    ckpt = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["adaptlab_learner"]["stream_state"]["n"].item() > 0  # mid-stream state saved
+    resumed, sa_res = run_stream(base_path, adapter_path, str(tmp_path / "cut"),
+                                 ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+    assert resumed["accuracy_matrix"]["rows"] == whole["accuracy_matrix"]["rows"]
+    assert resumed["final"]["acc_online"] == whole["final"]["acc_online"]
+    assert sa_res.resets == sa_whole.resets
+    x = context_stream().test_sets[2][0]
+    torch.testing.assert_close(sa_res(x), sa_whole(x))
+
+
+def test_segment_oracle_resets_at_true_changes(base_path, adapter_path, tmp_path):
+    metrics, sa = run_stream(base_path, adapter_path, str(tmp_path), reset_on="segment")
+    assert sa.resets == [24, 48, 72]
+    assert sa.hparams["oracle_segment_info"] is True
+    assert len(metrics["accuracy_matrix"]["rows"]) == 4
+    assert metrics["shift_detection"] is not None
+
+
+def test_stream_mode_needs_an_adapter_export(base_path):
+    st = context_stream()
+    with pytest.raises(ValueError, match="needs a Stage B export"):
+        StreamAdapter(base=base_path, mode="stream", input_shape=st.input_shape,
+                      n_classes=st.n_classes)
+    with pytest.raises(FileNotFoundError, match="no Stage B export"):
+        StreamAdapter(base=base_path, mode="stream", adapter="/nonexistent.pt",
+                      input_shape=st.input_shape, n_classes=st.n_classes)
+
+
+def test_cli_weak_base_is_one_line(base_path, tmp_path):
+    cmd = [sys.executable, "-m", "adaptlab.cli", "fit", "--config",
+           "configs/stream_adapter/classification.yaml", "--model.init_args.base", base_path,
+           "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("adaptlab: error: base:") and "icl_check" in lines[-1]
