@@ -61,6 +61,35 @@ def family_loss(
     return total
 
 
+def distill_loss(
+    logits: torch.Tensor, reg: torch.Tensor, t_logits: torch.Tensor, t_reg: torch.Tensor,
+    family: torch.Tensor,
+) -> torch.Tensor:
+    """`KL(teacher ‖ student)` over the label block, or the squared gap of the regression
+    read-outs (the KL of unit-variance Gaussians, up to ½); averaged per family, summed."""
+    total = logits.new_zeros(())
+    for f in family.unique().tolist():
+        rows = family == f
+        if f in REG_IDS:
+            total = total + F.mse_loss(reg[rows], t_reg[rows])
+        else:
+            student = logits[rows].flatten(0, 1).log_softmax(-1)
+            teacher = t_logits[rows].flatten(0, 1).log_softmax(-1)
+            total = total + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return total
+
+
+def zero_shot_outputs(
+    model: TinyGPT, batch: dict[str, torch.Tensor], vocab: FamilyVocab
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base on each query alone at position 0, no context: what an empty state answers."""
+    b, q = batch["q_token"].shape
+    h, _ = model.hidden(batch["q_token"].reshape(b * q, 1),
+                        batch["q_value"].reshape(b * q, 1, -1),
+                        label_tokens=batch["q_label"].reshape(b * q, 1))
+    return family_readout(model, h.reshape(b, q, -1), vocab)
+
+
 def icl_outputs(
     model: TinyGPT, batch: dict[str, torch.Tensor], vocab: FamilyVocab,
     window: int | None = None,

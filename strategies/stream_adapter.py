@@ -34,7 +34,14 @@ from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import KV, TinyGPT
 from adaptlab.streams.icl import FamilyVocab
 
-from .icl_families import family_loss, family_readout, load_base, save_atomic
+from .icl_families import (
+    distill_loss,
+    family_loss,
+    family_readout,
+    icl_outputs,
+    load_base,
+    save_atomic,
+)
 
 GATES = ("vector", "scalar", "fixed")
 RECURRENCES = ("ema", "additive")
@@ -580,6 +587,18 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
     return core, rec
 
 
+def adapted_outputs(
+    core: AdaptedGPT, batch: dict[str, torch.Tensor], vocab: FamilyVocab
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorb every episode's context (one state per episode), answer its queries alone at
+    position 0 through the side branches: label-block logits (B, q, L) and reals (B, q)."""
+    core.reset_state(len(batch["family"]))
+    if batch["ctx_token"].shape[1]:
+        core.absorb(batch["ctx_token"], batch["ctx_value"], label_tokens=batch["ctx_label"])
+    h = core.query_hidden(batch["q_token"], batch["q_value"], batch["q_label"])
+    return family_readout(core.base, h, vocab)
+
+
 class StreamAdapter(StreamLearner):
     """StreamAdapter as a learner: Stage B meta-training and the test-time context stream.
 
@@ -610,6 +629,8 @@ class StreamAdapter(StreamLearner):
         export: where Stage B writes the trained adapter.
         reset_on, detector, grace: the stream-mode reset (detector: `ShiftDetector` options).
         log_norms_every: observe steps between ‖S‖ and ‖ΔW‖/‖W‖ logs in `stream` mode.
+        distill: λ of the optional `λ·KL(ICL teacher ‖ adapted)` term for k ≤ W (spec §5;
+            not from the paper; 0 disables it).
         **kwargs: `StreamLearner` arguments (linked shapes, seed).
     """
 
@@ -622,7 +643,8 @@ class StreamAdapter(StreamLearner):
         warmup_steps: int = 200, clip: float | None = 1.0, allow_weak_base: bool = False,
         eval_every: int = 500, eval_episodes: int = 256, eval_ks: Sequence[int] | None = None,
         eval_seed: int = 4321, export: str | None = None, reset_on: str = "detected",
-        detector: dict[str, Any] | None = None, log_norms_every: int = 50, **kwargs: Any,
+        detector: dict[str, Any] | None = None, log_norms_every: int = 50, distill: float = 0.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -665,6 +687,9 @@ class StreamAdapter(StreamLearner):
         w = self.task["window"]
         self.eval_ks = sorted({int(k) for k in (eval_ks or (1, 4, w, 4 * w))})
         self.export = export
+        if distill < 0:
+            raise ValueError(f"distill: must be >= 0, got {distill!r}")
+        self.distill = distill
         self.curves: list[dict[str, Any]] = []
         self.families: list[str] = []
         # stream mode
@@ -729,13 +754,8 @@ class StreamAdapter(StreamLearner):
              {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
 
     def adapted_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Absorb every episode's context (one state per episode), answer its queries alone."""
-        self.core.reset_state(len(batch["family"]))
-        if batch["ctx_token"].shape[1]:
-            self.core.absorb(batch["ctx_token"], batch["ctx_value"],
-                             label_tokens=batch["ctx_label"])
-        h = self.core.query_hidden(batch["q_token"], batch["q_value"], batch["q_label"])
-        return family_readout(self.core.base, h, self.vocab)
+        """`adapted_outputs` of this learner's adapter (one state per episode)."""
+        return adapted_outputs(self.core, batch, self.vocab)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         if self.mode == "stream":
@@ -746,6 +766,11 @@ class StreamAdapter(StreamLearner):
             g["lr"] = self.lr * factor
         logits, reg = self.adapted_outputs(batch)
         loss = family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
+        if self.distill and batch["ctx_token"].shape[1] <= self.task["window"]:
+            with torch.no_grad():  # the base with the context in its window: the ICL teacher
+                t_logits, t_reg = icl_outputs(self.core.base, batch, self.vocab)
+            loss = loss + self.distill * distill_loss(logits, reg, t_logits, t_reg,
+                                                      batch["family"])
         self._check_finite(loss.detach()[None])
         self.update(opt, loss, clip=self.clip)
         self.core.reset_state(1)  # drop the graph-holding state

@@ -168,3 +168,53 @@ def test_input_shape_that_does_not_fit_the_backbone():
     with pytest.raises(ValueError, match="does not fit backbone"):
         build_model("resnet18", (3, 0, 32), 10)
     assert torch.is_tensor(build_model("lenet", (1, 8, 8), 10)(torch.zeros(1, 1, 8, 8)))
+
+
+# ----- StreamAdapter ----------------------------------------------------------------------------
+
+SA_CLASSIFICATION = str(ROOT / "configs/stream_adapter/classification.yaml")
+SA_CONTEXT = str(ROOT / "configs/stream_adapter/context_stream.yaml")
+
+
+def _weak_base(t: Path) -> str:
+    """A Stage A export whose `icl_check` failed (an untrained base)."""
+    from adaptlab.models import TinyGPT
+    from strategies.icl_families import BASE_FORMAT, state_hash
+
+    arch = {"vocab_size": 83, "n_positions": 20, "n_layer": 1, "d_model": 16, "n_head": 2,
+            "d_mlp": 32, "pad_id": 82, "d_value": 8, "reg_head": True}
+    state = TinyGPT(**arch).state_dict()
+    rec = {"format": BASE_FORMAT, "arch": arch, "state_dict": state, "sha256": state_hash(state),
+           "task": {"families": ["tokcls4"], "size": "tiny", "n_items": 64, "n_labels": 16,
+                    "window": 16, "n_query": 4},
+           "icl_check": {"passed": False, "failing": ["tokcls4"]}}
+    path = t / "weak.pt"
+    torch.save(rec, path)
+    return str(path)
+
+
+SA_CATALOGUE = [
+    ("missing Stage A export", SA_CLASSIFICATION,
+     lambda t: [f"{M}base", str(t / "none.pt")], "base: no Stage A export"),
+    ("base that failed the ICL gate", SA_CLASSIFICATION, lambda t: [f"{M}base", _weak_base(t)],
+     "failed Stage A's icl_check (families ['tokcls4']"),
+    ("stream mode without an adapter", SA_CONTEXT, lambda t: [f"{M}adapter", "null"],
+     "needs a Stage B export"),
+    ("unknown adapter target", SA_CLASSIFICATION,
+     lambda t: [f"{M}base", _weak_base(t), f"{M}allow_weak_base", "true", f"{M}targets",
+                "[v, gate_proj]"], "targets: unknown 'gate_proj'"),
+    ("chunk not dividing the block", SA_CLASSIFICATION,
+     lambda t: [f"{M}base", _weak_base(t), f"{M}allow_weak_base", "true", f"{M}chunk_size",
+                "3"], "chunk_size 3 must be >= 1 and divide block_size 16"),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "extra", "fragment"), SA_CATALOGUE,
+                         ids=[c[0] for c in SA_CATALOGUE])
+def test_stream_adapter_bad_input(name, config, extra, fragment, tmp_path, capsys):
+    args = ["fit", "--config", config, *extra(tmp_path), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs")]
+    code, err = cli(args, capsys)
+    assert code == 1, name
+    assert fragment in err, err[-1500:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -29,6 +29,7 @@ from strategies.icl_families import (
     load_base,
     save_atomic,
     state_hash,
+    zero_shot_outputs,
 )
 from strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
 
@@ -150,11 +151,26 @@ def test_stage_b_step_zero_is_zero_shot(base_path):
     assert batch["ctx_token"].shape[1] > 0
     with torch.no_grad():
         logits, reg = sa.adapted_outputs(batch)
-        empty = {**batch, **{f: batch[f][:, :0] for f in ("ctx_token", "ctx_label", "ctx_value")}}
-        z_logits = torch.stack([icl_outputs(sa.core.base, {**empty, **{
-            f: batch[f][:, j:j + 1] for f in ("q_token", "q_label", "q_value")}}, sa.vocab)[0][:, 0]
-            for j in range(batch["q_token"].shape[1])], 1)
+        z_logits, z_reg = zero_shot_outputs(sa.core.base, batch, sa.vocab)
     torch.testing.assert_close(logits, z_logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reg, z_reg, atol=1e-6, rtol=0)
+    # and not trivially: the ICL answers of the same queries (context in the window) differ
+    assert not torch.allclose(icl_outputs(sa.core.base, batch, sa.vocab)[0], logits)
+
+
+def test_distillation_term_pulls_towards_the_icl_teacher(base_path, tmp_path):
+    """`distill > 0` adds KL(ICL teacher ‖ adapted) for k ≤ W: a different first update."""
+    dm = episode_dm(SEEN, k_dist="uniform", k_min=2, k_max=8)
+    grads = {}
+    for lam in (0.0, 1.0):
+        sa = StreamAdapter(base=base_path, allow_weak_base=True, chunk_size=4, distill=lam,
+                           eval_every=0, input_shape=dm.input_shape, n_classes=dm.n_classes)
+        trainer(tmp_path, f"d{lam}", 1).fit(sa, datamodule=dm)
+        grads[lam] = torch.cat([a.w1.detach().flatten() for a in sa.core.absorptions.values()])
+    assert not torch.allclose(grads[0.0], grads[1.0])
+    with pytest.raises(ValueError, match="distill"):
+        StreamAdapter(base=base_path, allow_weak_base=True, distill=-1.0,
+                      input_shape=dm.input_shape, n_classes=dm.n_classes)
 
 
 def test_adapter_with_another_base_is_refused(base_path, adapter_path, tmp_path):

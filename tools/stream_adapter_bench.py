@@ -1,0 +1,718 @@
+"""StreamAdapter against zero-shot and in-context learning: skill vs demonstrations, and cost.
+
+    python tools/stream_adapter_bench.py                # both tiny Stage B exports, 512 episodes
+    python tools/stream_adapter_bench.py --quick        # smoke test: few episodes, ks and reps
+    python tools/stream_adapter_bench.py --device cuda  # also peak GPU memory per query
+
+The benchmark of spec `stream_adapter.md` §7. For every Stage B export (`--adapters`):
+
+- **Skill.** Its seen families plus the unseen families of the same kind (regression or
+  label), at k ∈ {0, 1, 2, 4, 8, 16, 64, 256} ∪ {W, 2W, 4W, 16W}, on the same evaluation
+  episodes for every method (`adaptlab.episodes.demo_curve`, one `--seed`): `zero-shot` (the
+  base on each query alone at position 0; the context of every k's episodes ignored, so it is
+  a flat reference line), `ICL` (`d1 … dk q1 … qq` in the window, k ≤ W), `truncated ICL`
+  (the last W demos; at k = W it is ICL) and `StreamAdapter` (every episode's context absorbed
+  into its own state, side branch, each query alone at position 0). Mean ± SE over episodes;
+  nMSE (lower is better) for regression families in the table, skill in the figure.
+- **Claims.** A0 (an empty state answers as the base), A1/A2 (vs ICL at k ∈ {4, W}), A3, A4,
+  the tiny criterion (within 0.15 of ICL at W off the label maps), where SA ≥ ICL by k, and
+  C1–C4 from the cost table; wall-clock claims on a shared CPU are indicative only.
+- **Cost** (one context, batch 1, `--latency-ks`): absorption ms per demo, commit time, the
+  latency of one single-query forward with merged weights (committed) and through the side
+  branch, `state_nbytes` and the encoder cache held between queries. ICL needs k + 1
+  positions, more than the real base has, so ICL is timed on an *untrained* TinyGPT of the
+  base's architecture with enough positions (latency does not depend on the weights): a full
+  forward of k demos + the query (no cache), and the query alone against a prefilled KV cache
+  (cached), with the cache's bytes. Every (method, k) is timed in its own block after a
+  warm-up: the median of up to `--reps` calls, within a time budget per block.
+
+Writes `<out>.md` (what is printed), `<out>.json` (every number), `<out>_skill.png` and
+`<out>_cost.png`. A missing or unreadable export is a one-line error (exit code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptlab.episodes import demo_curve
+from adaptlab.jsonio import write_json_atomic
+from adaptlab.models import TinyGPT
+from adaptlab.strategies.icl_families import (
+    family_readout,
+    icl_outputs,
+    load_base,
+    zero_shot_outputs,
+)
+from adaptlab.strategies.stream_adapter import AdaptedGPT, adapted_outputs, load_adapter
+from adaptlab.streams.icl import REGRESSION, UNSEEN, FamilyVocab, family_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADAPTERS = (
+    str(ROOT / "artifacts" / "stream_adapter_regression.pt"),
+    str(ROOT / "artifacts" / "stream_adapter_classification.pt"),
+)
+DEFAULT_OUT = str(ROOT / "tools" / "results" / "stream_adapter_bench")
+SWEEP_KS = (0, 1, 2, 4, 8, 16, 64, 256)
+LATENCY_KS = (4, 16, 64, 256, 1024, 4096)
+QUICK_LATENCY_KS = (4, 16, 64)
+METHODS = ("zero-shot", "ICL", "truncated ICL", "StreamAdapter")
+TINY_FAMILIES = ("linreg", "sparse_linreg", "logreg", "bool_conj", "bool_disj")  # not label maps
+Curve = dict[str, dict[int, dict[str, float]]]
+
+
+def log(msg: str, t0: float) -> None:
+    print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----- the exports ---------------------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    """One Stage B export: the adapted model, a clean copy of its base, families and task."""
+
+    path: str
+    core: AdaptedGPT
+    base: TinyGPT  # loaded separately: the zero-shot and ICL baselines never see the hooks
+    record: dict[str, Any]
+    seen: list[str]
+    unseen: list[str]
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem
+
+    @property
+    def task(self) -> dict[str, Any]:
+        return self.record["base_record"]["task"]
+
+    @property
+    def window(self) -> int:
+        return int(self.task["window"])
+
+    @property
+    def vocab(self) -> FamilyVocab:
+        return FamilyVocab(self.task["n_items"], self.task["n_labels"])
+
+
+def unseen_neighbours(seen: Sequence[str]) -> list[str]:
+    """The unseen families of the kinds (regression / label) the adapter was trained on."""
+    kinds = {f in REGRESSION for f in seen}
+    return [f for f in UNSEEN if (f in REGRESSION) in kinds and f not in seen]
+
+
+def load_export(path: str, base_path: str | None, device: str) -> Export:
+    try:
+        core, rec = load_adapter(path, base_path)
+        base, _ = load_base(base_path or rec["base_path"])
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # a truncated or foreign file: one readable line
+        raise ValueError(f"adapter: {path!r} is not readable ({type(err).__name__})") from None
+    seen = list(rec.get("families") or [])
+    if not seen:
+        raise ValueError(f"adapter: {path!r} records no seen families")
+    core.to(device).eval()
+    base.to(device).eval().requires_grad_(False)
+    return Export(path, core, base, rec, seen, unseen_neighbours(seen))
+
+
+# ----- the methods ---------------------------------------------------------------------------
+
+
+def sweep_ks(window: int, quick: bool) -> list[int]:
+    if quick:
+        return sorted({0, 1, 4, window, 4 * window})
+    return sorted({*SWEEP_KS, window, 2 * window, 4 * window, 16 * window})
+
+
+def skill_curves(exp: Export, ks: Sequence[int], episodes: int, seed: int, device: str,
+                 t0: float) -> dict[str, Curve]:
+    """`curves[method][family][k]` on the same episodes for every method."""
+    w, vocab, fams = exp.window, exp.vocab, [*exp.seen, *exp.unseen]
+    common = {"episodes": episodes, "n_query": exp.task["n_query"], "seed": seed,
+              "size": exp.task["size"], "vocab": vocab, "device": device}
+    runs: dict[str, tuple[Callable, list[int]]] = {
+        "zero-shot": (lambda b: zero_shot_outputs(exp.base, b, vocab), list(ks)),
+        "ICL": (lambda b: icl_outputs(exp.base, b, vocab), [k for k in ks if k <= w]),
+        "truncated ICL": (lambda b: icl_outputs(exp.base, b, vocab, window=w),
+                          [k for k in ks if k > w]),
+        "StreamAdapter": (lambda b: adapted_outputs(exp.core, b, vocab), list(ks)),
+    }
+    curves: dict[str, Curve] = {}
+    for method, (predict, mks) in runs.items():
+        log(f"skill: {exp.name}, {method}, k = {mks}", t0)
+        curves[method] = demo_curve(predict, fams, mks, **common) if mks else {f: {} for f in fams}
+    exp.core.reset_state(1)
+    for f in fams:  # truncated ICL at k = W is ICL: the line starts where ICL's ends
+        if w in curves["ICL"][f]:
+            curves["truncated ICL"][f] = {w: curves["ICL"][f][w], **curves["truncated ICL"][f]}
+    return curves
+
+
+@torch.no_grad()
+def check_a0(exp: Export, seed: int, device: str) -> dict[str, float]:
+    """Max |Δ| between the adapted model with an empty state and the base, same queries:
+    side branch (one empty state per episode) and committed (batch 1)."""
+    vocab, task = exp.vocab, exp.task
+    b = family_batch([*exp.seen, *exp.unseen], 16, 0, task["n_query"], seed, task["size"],
+                     vocab, key=999)
+    b = {k: t.to(device) for k, t in b.items()}
+    ref = zero_shot_outputs(exp.base, b, vocab)
+    core = exp.core
+    core.reset_state(len(b["family"]))
+    side = family_readout(core.base, core.query_hidden(b["q_token"], b["q_value"], b["q_label"]),
+                          vocab)
+    core.reset_state(1)
+    core.commit()
+    committed = family_readout(
+        core.base, core.query_hidden(b["q_token"], b["q_value"], b["q_label"]), vocab)
+    core.reset_state(1)
+
+    def diff(out: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(out, ref))
+
+    return {"side": diff(side), "committed": diff(committed),
+            "max_abs_diff": max(diff(side), diff(committed))}
+
+
+# ----- cost ----------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], Any], reps: int, device: str, budget_s: float = 2.0,
+              min_reps: int = 5) -> float:
+    """Median wall time (ms) of `fn`, after warm-up calls (3, or 0.5 s worth), each call timed
+    alone; at most `reps` calls and, beyond `min_reps`, at most `budget_s` seconds."""
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+        _sync(device)
+        if time.perf_counter() - start > 0.5:
+            break
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps:
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+        if len(times) >= min_reps and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times) * 1e3
+
+
+def _peak_bytes(fn: Callable[[], Any], device: str) -> int | None:
+    """Peak allocated GPU bytes while `fn` runs (everything resident included); None on CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def _kv_nbytes(kvs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> int:
+    return 0 if kvs is None else sum(k.nbytes + v.nbytes for k, v in kvs)
+
+
+@torch.no_grad()
+def cost_bench(exp: Export, ks: Sequence[int], reps: int, device: str, seed: int,
+               t0: float) -> dict[str, Any]:
+    """Query latency, memory held between queries and absorption cost vs k (batch 1)."""
+    task, vocab, core = exp.task, exp.vocab, exp.core
+    kmax = max(ks)
+    fam = exp.seen[0]
+    b = family_batch([fam], 1, kmax, 1, seed, task["size"], vocab, key=31337)
+    ct, cl, cv = (b[n].to(device) for n in ("ctx_token", "ctx_label", "ctx_value"))
+    q = (b["q_token"].to(device), b["q_value"].to(device), b["q_label"].to(device))
+    arch = dict(exp.record["base_record"]["arch"], n_positions=kmax + task["n_query"] + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        icl = TinyGPT(**arch).to(device).eval().requires_grad_(False)
+    saved_nbytes = sum(a.linear.weight[a.rows].nbytes for a in core.absorptions.values())
+    rows = []
+    for k in ks:
+        log(f"cost: {exp.name}, k = {k}", t0)
+        row: dict[str, Any] = {"k": k}
+
+        def absorb(k: int = k) -> None:
+            core.reset_state(1)
+            core.absorb(ct[:, :k], cv[:, :k], label_tokens=cl[:, :k])
+
+        absorb_ms = median_ms(absorb, max(3, min(reps, 20)), device, budget_s=3.0, min_reps=3)
+        row["absorb_ms"] = absorb_ms
+        row["absorb_ms_per_demo"] = absorb_ms / k
+        absorb()
+        row["state_nbytes"] = core.state_nbytes
+        row["sa_cache_nbytes"] = _kv_nbytes(core.stream_state()["cache"])
+        row["sa_side_ms"] = median_ms(lambda: core.hidden(*q), reps, device)
+        row["sa_side_peak_bytes"] = _peak_bytes(lambda: core.hidden(*q), device)
+        row["commit_ms"] = median_ms(core.commit, reps, device)
+        core.commit()
+        row["sa_committed_ms"] = median_ms(lambda: core.hidden(*q), reps, device)
+        row["sa_committed_peak_bytes"] = _peak_bytes(lambda: core.hidden(*q), device)
+        core.reset_state(1)
+
+        tokens = torch.cat([ct[:, :k], q[0]], 1)
+        values = torch.cat([cv[:, :k], q[1]], 1)
+        labels = torch.cat([cl[:, :k], q[2]], 1)
+        row["icl_nocache_ms"] = median_ms(
+            lambda t=tokens, v=values, lab=labels: icl.hidden(t, v, label_tokens=lab), reps,
+            device)
+        row["icl_nocache_peak_bytes"] = _peak_bytes(
+            lambda t=tokens, v=values, lab=labels: icl.hidden(t, v, label_tokens=lab), device)
+        del tokens, values, labels
+        kv = icl.hidden(ct[:, :k], cv[:, :k], label_tokens=cl[:, :k])[1]
+        row["icl_kv_nbytes"] = _kv_nbytes(kv)
+        row["icl_cached_ms"] = median_ms(
+            lambda kv=kv: icl.hidden(q[0], q[1], past_kv=kv, label_tokens=q[2]), reps, device)
+        row["icl_cached_peak_bytes"] = _peak_bytes(
+            lambda kv=kv: icl.hidden(q[0], q[1], past_kv=kv, label_tokens=q[2]), device)
+        del kv
+        rows.append(row)
+    core.reset_state(1)
+    return {"adapter": exp.path, "family": fam, "rows": rows, "ratios": cost_ratios(rows),
+            "committed_weight_copy_nbytes": saved_nbytes,
+            "icl_model": "untrained TinyGPT, the base's architecture with n_positions "
+                         f"{arch['n_positions']} (latency does not depend on the weights)"}
+
+
+def cost_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by_k = {r["k"]: r for r in rows}
+    ks = sorted(by_k)
+    lo = 4 if 4 in by_k else ks[0]
+    hi = 256 if 256 in by_k else ks[-1]
+    out: dict[str, Any] = {"k_lo": lo, "k_hi": hi, "k_max": ks[-1]}
+    for name in ("sa_committed_ms", "sa_side_ms", "icl_nocache_ms", "icl_cached_ms"):
+        out[name] = by_k[hi][name] / by_k[lo][name]
+    out["sa_committed_ms_kmax"] = by_k[ks[-1]]["sa_committed_ms"] / by_k[lo]["sa_committed_ms"]
+    lo_a = 64 if 64 in by_k and ks[-1] > 64 else ks[0]
+    out["absorb_k_lo"] = lo_a
+    out["absorb_ms_per_demo"] = (by_k[ks[-1]]["absorb_ms_per_demo"]
+                                 / by_k[lo_a]["absorb_ms_per_demo"])
+    out["state_nbytes_equal"] = len({r["state_nbytes"] for r in rows}) == 1
+    peaks = [by_k[k]["sa_committed_peak_bytes"] for k in (lo, hi)]
+    out["sa_committed_peak"] = None if None in peaks else peaks[1] / peaks[0]
+    return out
+
+
+# ----- claims --------------------------------------------------------------------------------
+
+
+def _row(curves: dict[str, Curve], method: str, fam: str, k: int) -> dict[str, float] | None:
+    return curves.get(method, {}).get(fam, {}).get(k)
+
+
+def _avg(curves: dict[str, Curve], method: str, fams: Sequence[str], k: int
+         ) -> tuple[float, float] | None:
+    rows = [_row(curves, method, f, k) for f in fams]
+    if not rows or any(r is None for r in rows):
+        return None
+    se = math.sqrt(sum(r["se"] ** 2 for r in rows)) / len(rows)
+    return sum(r["skill"] for r in rows) / len(rows), se
+
+
+def _claim(cid: str, text: str, ok: bool | None, numbers: str) -> dict[str, Any]:
+    return {"id": cid, "claim": text, "pass": ok, "numbers": numbers}
+
+
+def _all(oks: list[bool | None]) -> bool | None:
+    return None if not oks or None in oks else all(oks)
+
+
+def _score(row: dict[str, float]) -> float:
+    """Per-family comparisons: accuracy, or 1 − nMSE unclipped (skill clips it at 0, which
+    would tie two failing regressions)."""
+    return 1.0 - row["nmse"] if "nmse" in row else row["skill"]
+
+
+def _show(row: dict[str, float]) -> str:
+    return f"nMSE {row['nmse']:.3f}" if "nmse" in row else f"{row['skill']:.3f}"
+
+
+def skill_claims(curves: dict[str, Curve], seen: list[str], unseen: list[str], window: int,
+                 ks: Sequence[int], a0: float) -> list[dict[str, Any]]:
+    """The §7 skill claims. Averages are of skill (regression max(0, 1 − nMSE)), with the SE
+    of a mean of independent family means; per-family comparisons use `_score`."""
+    w = window
+    sa_m, icl_m = "StreamAdapter", "ICL"
+    out = [_claim("A0", "empty state = zero-shot (max abs diff of outputs, side branch and "
+                  "committed)", a0 < 1e-6, f"{a0:.2e}")]
+
+    oks, nums = [], []
+    for k in sorted({4, w}):
+        sa, icl = _avg(curves, sa_m, seen, k), _avg(curves, icl_m, seen, k)
+        if sa is None or icl is None:
+            oks.append(None)
+            continue
+        worse = []
+        for f in seen:
+            r, c = _row(curves, sa_m, f, k), _row(curves, icl_m, f, k)
+            if _score(r) < _score(c) - 2 * math.hypot(r["se"], c["se"]):
+                worse.append(f)
+        oks.append(sa[0] >= icl[0] and not worse)
+        nums.append(f"k={k}: {sa[0]:.3f} vs {icl[0]:.3f}"
+                    + (f", worse by > 2 SE: {', '.join(worse)}" if worse else ""))
+    out.append(_claim("A1", "seen avg: SA ≥ ICL at k ∈ {4, W}; no family worse by > 2 SE",
+                      _all(oks), "; ".join(nums) or "n/a"))
+
+    oks, nums = [], []
+    for k in sorted({4, w}):
+        sa, icl = _avg(curves, sa_m, unseen, k), _avg(curves, icl_m, unseen, k)
+        if sa is None or icl is None:
+            oks.append(None)
+            continue
+        se = math.hypot(sa[1], icl[1])
+        oks.append(sa[0] >= icl[0] - 2 * se)
+        nums.append(f"k={k}: {sa[0]:.3f} vs {icl[0]:.3f} (2 SE {2 * se:.3f})")
+    out.append(_claim("A2", "unseen avg: SA ≥ ICL − 2 SE at k ∈ {4, W}", _all(oks),
+                      "; ".join(nums) or "n/a"))
+
+    oks, nums = [], []
+    for f in seen:
+        a, b = _row(curves, sa_m, f, 4 * w), _row(curves, sa_m, f, w)
+        oks.append(None if a is None or b is None else _score(a) >= _score(b))
+        if a and b:
+            nums.append(f"{f} {_show(a)} vs {_show(b)}")
+    sa, tr = _avg(curves, sa_m, seen, 4 * w), _avg(curves, "truncated ICL", seen, 4 * w)
+    oks.append(None if sa is None or tr is None else sa[0] > tr[0])
+    if sa and tr:
+        nums.append(f"seen avg SA(4W) {sa[0]:.3f} vs truncated ICL(4W) {tr[0]:.3f}")
+    out.append(_claim("A3", "every seen family SA(4W) ≥ SA(W); seen avg SA(4W) > truncated "
+                      "ICL(4W)", _all(oks), "; ".join(nums) or "n/a"))
+
+    oks, nums = [], []
+    for f in seen:
+        a, b = _row(curves, sa_m, f, w), _row(curves, sa_m, f, 1)
+        z = _row(curves, "zero-shot", f, 0)
+        if a is None or b is None or z is None:
+            oks.append(None)
+            continue
+        oks.append(_score(a) > _score(b) > _score(z))
+        nums.append(f"{f} {_show(a)} > {_show(b)} > {_show(z)}")
+    out.append(_claim("A4", "SA(W) > SA(1) > zero-shot on every seen family", _all(oks),
+                      "; ".join(nums) or "n/a"))
+
+    oks, nums = [], []
+    for f in [f for f in (*seen, *unseen) if f in TINY_FAMILIES]:
+        a, c = _row(curves, sa_m, f, w), _row(curves, icl_m, f, w)
+        if a is None or c is None:
+            oks.append(None)
+            continue
+        oks.append(a["skill"] >= c["skill"] - 0.15)
+        nums.append(f"{f} {a['skill'] - c['skill']:+.3f}")
+    out.append(_claim("tiny", "skill SA(W) ≥ ICL(W) − 0.15 on regression, logistic, boolean "
+                      "families", _all(oks), "; ".join(nums) or "n/a"))
+
+    for split, fams in (("seen", seen), ("unseen", unseen)):
+        above, below, within = [], [], []
+        for k in [k for k in ks if 1 <= k <= w]:
+            sa, icl = _avg(curves, sa_m, fams, k), _avg(curves, icl_m, fams, k)
+            if sa is None or icl is None:
+                continue
+            (above if sa[0] >= icl[0] else below).append(k)
+            if sa[0] >= icl[0] - 2 * math.hypot(sa[1], icl[1]):
+                within.append(k)
+        out.append(_claim(
+            f"{split} by k", f"{split} avg: SA ≥ ICL − 2 SE at some k ≤ W",
+            bool(within) if (above or below) else None,
+            f"SA ≥ ICL at k = {above or '—'}; SA < ICL at k = {below or '—'}; "
+            f"SA ≥ ICL − 2 SE at k = {within or '—'}"))
+    return out
+
+
+def cost_claims(cost: dict[str, Any]) -> list[dict[str, Any]]:
+    r, rows = cost["ratios"], cost["rows"]
+    lo, hi, kmax = r["k_lo"], r["k_hi"], r["k_max"]
+    kv = [x["icl_kv_nbytes"] for x in rows]
+    ms = [x["icl_nocache_ms"] for x in rows]
+    c1 = r["sa_committed_ms"] <= 1.1 and r["sa_committed_ms_kmax"] <= 1.1
+    c2 = r["state_nbytes_equal"] and (r["sa_committed_peak"] is None
+                                      or r["sa_committed_peak"] <= 1.05)
+    peak = "n/a (CPU)" if r["sa_committed_peak"] is None else f"{r['sa_committed_peak']:.3f}×"
+    grows = all(b > a for a, b in zip(kv, kv[1:])) and ms[-1] > ms[0]
+    return [
+        _claim("C1", f"committed SA latency at k = {hi}"
+               + (f" (and {kmax})" if kmax != hi else "") + f" ≤ 1.1× at k = {lo}", c1,
+               f"{r['sa_committed_ms']:.2f}×"
+               + (f" ({r['sa_committed_ms_kmax']:.2f}× at {kmax})" if kmax != hi else "")),
+        _claim("C2", f"state_nbytes equal for all k; GPU peak at k = {hi} ≤ 1.05× at {lo}", c2,
+               f"state {', '.join(_bytes(n) for n in sorted({x['state_nbytes'] for x in rows}))}"
+               f"; peak {peak}"),
+        _claim("C3", "ICL latency and KV bytes grow with k (reported)", grows,
+               f"no cache {r['icl_nocache_ms']:.1f}×, cached {r['icl_cached_ms']:.2f}× "
+               f"(k = {hi} / {lo}); KV {_bytes(kv[0])} → {_bytes(kv[-1])}"),
+        _claim("C4", f"absorption ms/demo at k = {kmax} ≤ 1.2× at k = {r['absorb_k_lo']}",
+               r["absorb_ms_per_demo"] <= 1.2, f"{r['absorb_ms_per_demo']:.2f}×"),
+    ]
+
+
+# ----- report --------------------------------------------------------------------------------
+
+
+def _cell(row: dict[str, float] | None, regression: bool) -> str:
+    if row is None:
+        return "—"
+    value = row["nmse"] if regression else row["skill"]
+    return f"{value:.3f} ± {row['se']:.3f}"
+
+
+def skill_table(curves: dict[str, Curve], fams: dict[str, dict[str, Any]], ks: list[int]
+                ) -> list[str]:
+    lines = ["| family | split | method | " + " | ".join(f"k={k}" for k in ks) + " |",
+             "|---|---|---|" + "---:|" * len(ks)]
+    for fam, info in fams.items():
+        reg = fam in REGRESSION
+        label = f"`{fam}` (nMSE ↓)" if reg else f"`{fam}` (acc)"
+        for method in METHODS:
+            cells = [_cell(_row(curves, method, fam, k), reg) for k in ks]
+            lines.append(f"| {label} | {info['split']} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mark(ok: bool | None) -> str:
+    return {True: "pass", False: "**fail**", None: "n/a"}[ok]
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a (CPU)"
+    return f"{n:,} B" if n < 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def cost_table(cost: dict[str, Any]) -> list[str]:
+    lines = ["| k | absorb ms/demo | commit ms | SA committed ms | SA side ms | SA state | "
+             "SA encoder cache | ICL no-cache ms | ICL cached ms | ICL KV cache | "
+             "GPU peak/query: SA committed · ICL cached |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in cost["rows"]:
+        peak = ("n/a (CPU)" if r["sa_committed_peak_bytes"] is None else
+                f"{_bytes(r['sa_committed_peak_bytes'])} · {_bytes(r['icl_cached_peak_bytes'])}")
+        lines.append(
+            f"| {r['k']} | {r['absorb_ms_per_demo']:.3f} | {r['commit_ms']:.3f} | "
+            f"{r['sa_committed_ms']:.3f} | {r['sa_side_ms']:.3f} | {_bytes(r['state_nbytes'])} | "
+            f"{_bytes(r['sa_cache_nbytes'])} | {r['icl_nocache_ms']:.3f} | "
+            f"{r['icl_cached_ms']:.3f} | {_bytes(r['icl_kv_nbytes'])} | {peak} |")
+    rt = cost["ratios"]
+    lines += ["", f"Latency ratio k = {rt['k_hi']} / k = {rt['k_lo']}: SA committed "
+              f"{rt['sa_committed_ms']:.2f}×, SA side branch {rt['sa_side_ms']:.2f}×, ICL no "
+              f"cache {rt['icl_nocache_ms']:.2f}×, ICL cached {rt['icl_cached_ms']:.2f}×. "
+              f"Absorption ms/demo k = {rt['k_max']} / k = {rt['absorb_k_lo']}: "
+              f"{rt['absorb_ms_per_demo']:.2f}×.",
+              "", f"ICL is timed on an {cost['icl_model']}. Context: `{cost['family']}` demos. "
+              "SA encoder cache: the KV of the unfinished encoding block, held until it fills. "
+              "While committed, SA also keeps an exact copy of the target weights for a bitwise "
+              f"uncommit: {_bytes(cost['committed_weight_copy_nbytes'])} at every k."]
+    return lines
+
+
+def skill_figure(curves: dict[str, Curve], window: int, path: str) -> None:
+    from adaptlab.figures import demo_curve_figure, plt
+
+    fig = demo_curve_figure(curves, title="StreamAdapter vs ICL: skill vs demonstrations "
+                            "(regression: max(0, 1 − nMSE))", window=window)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cost_figure(costs: list[dict[str, Any]], path: str) -> None:
+    from adaptlab.figures import plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lat = {"SA committed": "sa_committed_ms", "SA side branch": "sa_side_ms",
+           "ICL no cache": "icl_nocache_ms", "ICL cached": "icl_cached_ms",
+           "SA absorb (total)": "absorb_ms"}
+    mem = {"SA state": "state_nbytes", "SA encoder cache": "sa_cache_nbytes",
+           "ICL KV cache": "icl_kv_nbytes"}
+    for cost in costs:
+        tag = f" [{Path(cost['adapter']).stem}]" if len(costs) > 1 else ""
+        ks = [r["k"] for r in cost["rows"]]
+        for label, key in lat.items():
+            ax1.plot(ks, [r[key] for r in cost["rows"]], marker="o", ms=3, label=label + tag,
+                     ls="--" if "absorb" in label else "-")
+        for label, key in mem.items():
+            vals = [r[key] for r in cost["rows"]]
+            ax2.plot([k for k, v in zip(ks, vals) if v > 0], [v for v in vals if v > 0],
+                     marker="o", ms=3, label=label + tag)
+    for ax, ylabel in ((ax1, "ms (median)"), (ax2, "bytes held between queries")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("demonstrations k")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    ax1.set_title("query latency (batch 1, one query)", fontsize=9)
+    ax2.set_title("memory held between queries", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----- main ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapters", nargs="+", default=list(DEFAULT_ADAPTERS),
+                    help="Stage B exports (StreamAdapter(export=…))")
+    ap.add_argument("--base", default=None,
+                    help="the Stage A export (default: the path each adapter recorded)")
+    ap.add_argument("--episodes", type=int, default=None,
+                    help="episodes per (family, k) (default 512; 16 with --quick)")
+    ap.add_argument("--seed", type=int, default=4321, help="evaluation episodes (all methods)")
+    ap.add_argument("--latency-ks", type=int, nargs="+", default=None,
+                    help="demo counts of the cost table (default "
+                    f"{' '.join(map(str, LATENCY_KS))}; 4 16 64 with --quick)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed calls per (method, k), within ~2 s (default 200; 5 with --quick)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 16 episodes, k ∈ {0, 1, 4, W, 4W}, latency k 4 16 64")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="output prefix: <out>.md, <out>.json, <out>_skill.png, <out>_cost.png")
+    args = ap.parse_args(argv)
+    if args.episodes is None:
+        args.episodes = 16 if args.quick else 512
+    if args.latency_ks is None:
+        args.latency_ks = list(QUICK_LATENCY_KS if args.quick else LATENCY_KS)
+    if args.reps is None:
+        args.reps = 5 if args.quick else 200
+    args.latency_ks = sorted(set(args.latency_ks))
+    return args
+
+
+def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    if args.episodes < 2 or args.reps < 1 or args.threads < 1:
+        raise ValueError("--episodes >= 2, --reps >= 1 and --threads >= 1 required")
+    if min(args.latency_ks) < 1 or len(args.latency_ks) < 2:
+        raise ValueError("--latency-ks: at least two demo counts, each >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    exports = [load_export(p, args.base, args.device) for p in args.adapters]
+
+    curves: dict[str, Curve] = {m: {} for m in METHODS}
+    fams: dict[str, dict[str, Any]] = {}
+    a0: dict[str, Any] = {}
+    all_ks: set[int] = set()
+    for exp in exports:
+        ks = sweep_ks(exp.window, args.quick)
+        all_ks.update(ks)
+        a0[exp.path] = check_a0(exp, args.seed, args.device)
+        with torch.no_grad():
+            got = skill_curves(exp, ks, args.episodes, args.seed, args.device, t0)
+        for fam in [*exp.seen, *exp.unseen]:
+            if fam in fams:
+                raise ValueError(f"--adapters: family {fam!r} is evaluated by two exports; "
+                                 "benchmark them separately")
+            fams[fam] = {"split": "seen" if fam in exp.seen else "unseen",
+                         "adapter": exp.path, "window": exp.window}
+            for m in METHODS:
+                curves[m][fam] = got[m][fam]
+    skill_s = time.perf_counter() - t0
+
+    windows = sorted({e.window for e in exports})
+    seen = [f for f, i in fams.items() if i["split"] == "seen"]
+    unseen = [f for f, i in fams.items() if i["split"] == "unseen"]
+    a0_max = max(v["max_abs_diff"] for v in a0.values())
+    if len(windows) > 1:
+        raise ValueError(f"--adapters: exports on bases of different windows {windows}")
+    claims = skill_claims(curves, seen, unseen, windows[0], sorted(all_ks), a0_max)
+
+    costs, groups = [], set()
+    for exp in exports:  # one cost table per distinct (base architecture, adapter settings)
+        key = json.dumps([exp.record["base_record"]["arch"], exp.record["adapter_args"]],
+                         sort_keys=True)
+        if key in groups:
+            continue
+        groups.add(key)
+        costs.append(cost_bench(exp, args.latency_ks, args.reps, args.device, args.seed, t0))
+    for cost in costs:
+        claims += cost_claims(cost)
+    wall = time.perf_counter() - t0
+
+    dev = (torch.cuda.get_device_name() if args.device == "cuda"
+           else platform.processor() or platform.machine())
+    e0 = exports[0]
+    lines = ["# StreamAdapter benchmark (spec `stream_adapter.md` §7)", "",
+             f"`{command}`", "",
+             f"torch {torch.__version__}, device {args.device} ({dev}), "
+             f"{torch.get_num_threads()} torch thread(s), {args.episodes} episodes per "
+             f"(family, k), {e0.task['n_query']} queries each, eval seed {args.seed}, "
+             f"W = {windows[0]}; wall {wall:.0f} s (skill {skill_s:.0f} s).", ""]
+    for exp in exports:
+        lines.append(f"- `{exp.path}`: seen {', '.join(exp.seen)}; unseen "
+                     f"{', '.join(exp.unseen) or '—'}; Stage B steps "
+                     f"{exp.record.get('steps', '?')}; base {exp.record['base_sha256'][:12]}; "
+                     f"adapter {exp.record['adapter_args']}")
+    lines += ["", "## Skill vs demonstrations", "",
+              "Mean ± SE over episodes: nMSE for regression (lower is better), accuracy "
+              "otherwise. zero-shot: the base on each query alone at position 0 (context "
+              "ignored); ICL: `d1 … dk q1 … qq` in the window (k ≤ W; at k = 0 the queries "
+              "still see each other); truncated ICL: the last W demos; StreamAdapter: each "
+              "episode's context absorbed (side branch), queries alone at position 0.", "",
+              *skill_table(curves, fams, sorted(all_ks)),
+              "", "## Claims", "", "| id | claim | result | numbers |", "|---|---|---|---|"]
+    lines += [f"| {c['id']} | {c['claim']} | {_mark(c['pass'])} | {c['numbers']} |"
+              for c in claims]
+    lines += ["", "Wall-clock claims (C1, C4) are indicative on a shared CPU; the FLOP "
+              "equality of C1 is tested in `tests/test_stream_adapter.py`."]
+    for cost in costs:
+        lines += ["", f"## Cost (batch 1, one query; `{Path(cost['adapter']).name}`)", "",
+                  *cost_table(cost)]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".md", "w", encoding="utf-8") as fh:
+        fh.write(text)
+    skill_figure(curves, windows[0], out + "_skill.png")
+    cost_figure(costs, out + "_cost.png")
+    result = {"command": command, "torch": torch.__version__, "device": args.device,
+              "device_name": dev, "threads": torch.get_num_threads(), "episodes": args.episodes,
+              "seed": args.seed, "window": windows[0], "ks": sorted(all_ks),
+              "latency_ks": args.latency_ks, "reps": args.reps, "wall_s": wall,
+              "skill_s": skill_s,
+              "adapters": [{"path": e.path, "seen": e.seen, "unseen": e.unseen,
+                            "steps": e.record.get("steps"), "base_sha256": e.record["base_sha256"],
+                            "adapter_args": e.record["adapter_args"]} for e in exports],
+              "families": fams, "skill": curves, "a0": a0, "claims": claims, "cost": costs}
+    write_json_atomic(out + ".json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "tools/stream_adapter_bench.py", *raw])
+    try:
+        args = parse_args(raw)
+        return run(args, command)
+    except (FileNotFoundError, ValueError) as err:
+        msg = " ".join(str(err).split()) or type(err).__name__
+        sys.exit(f"stream_adapter_bench: error: {msg}")
+
+
+if __name__ == "__main__":
+    main()
