@@ -317,6 +317,10 @@ class StreamEvaluator(pl.Callback):
             )
             final.update(rep)
         final["acc_online"] = metrics.acc_online(ev)
+        rec = metrics.recovery_samples(ev, st.eval_positions)
+        known = [r for r in rec if r is not None]
+        final["recovery_samples"] = float(np.mean(known)) if known else None
+        final["recovery_samples_per_occurrence"] = rec
         final["acc_anytime_auc"] = None
         if self.anytime:
             final["acc_anytime_auc"] = metrics.acc_anytime_auc(

@@ -57,6 +57,7 @@ __all__ = [
     "matrix_report",
     "params_nonzero",
     "params_total",
+    "recovery_samples",
     "running_report",
     "tta_online_error",
     "tta_online_error_mean_domain",
@@ -402,6 +403,40 @@ def acc_online_per_segment(events: OnlineEvents) -> dict[int, float | None]:
         int(k): _pooled(events.n_correct[events.seg == k], events.n[events.seg == k])
         for k in np.unique(events.seg)
     }
+
+
+def recovery_samples(
+    events: OnlineEvents, ends: Sequence[int], *, frac: float = 0.9, tail: float = 0.25,
+    smooth: int = 4,
+) -> list[int | None]:
+    """Per occurrence `[ends[i-1], ends[i])`: samples from its start until the online accuracy,
+    averaged over `smooth` consecutive batches, first reaches `frac` of the occurrence's
+    plateau (its pooled accuracy over the last `tail` share of batches). None for an
+    occurrence without events or with a zero plateau. How fast a learner recovers after a
+    change (StreamAdapter spec §6; TTA's adaptation speed).
+    """
+    out: list[int | None] = []
+    start = 0
+    for end in ends:
+        sel = (events.pos >= start) & (events.pos < end)
+        pos, n, c = events.pos[sel], events.n[sel], events.n_correct[sel]
+        if len(pos) == 0:
+            out.append(None)
+            start = end
+            continue
+        k = max(1, int(round(tail * len(pos))))
+        plateau = c[-k:].sum() / max(1, n[-k:].sum())
+        hit = None
+        if plateau > 0:
+            w = max(1, min(smooth, len(pos)))
+            for i in range(w - 1, len(pos)):
+                acc = c[i - w + 1:i + 1].sum() / max(1, n[i - w + 1:i + 1].sum())
+                if acc >= frac * plateau:
+                    hit = int(pos[i] + n[i] - start)
+                    break
+        out.append(hit)
+        start = end
+    return out
 
 
 def acc_online(
@@ -820,6 +855,9 @@ DEFINITIONS: dict[str, str] = {
     "Diaz-Rodriguez et al. 2018, continuum backward_transfer, CapyMOA",
     "fwt_gem": "mean_{j: first[j] >= 1} R[first[j]-1][j] - b[j]; GEM FWT, Avalanche "
     "StreamForwardTransfer",
+    "recovery_samples": "per occurrence, samples until the online accuracy (mean of 4 "
+    "batches) first reaches 90% of the occurrence's plateau (pooled accuracy of its last 25% "
+    "of batches); final holds the mean over occurrences",
     "acc_online": "sum n_correct / sum n over the stream, test-then-train; CLOC prequential "
     "accuracy, CapyMOA",
     "acc_online_windowed": "acc_online over the last `window` labelled samples; windowed "

@@ -1,18 +1,21 @@
-"""StreamAdapter, first slice: context mapping, weight absorption and the streaming API.
+"""StreamAdapter: context mapping, weight absorption, the streaming API and the learner.
 
 StreamAdapter (Muhtar, Shen et al., 2024) turns streamed demonstrations into a temporary
 low-rank update of a frozen causal transformer, so queries run with no context in the window
-(spec `stream_adapter.md` §1–§3, §6). This slice holds the three parts:
+(spec `stream_adapter.md` §1–§3, §5, §6):
 
 - `ContextMapper` (§2): one layer's prefill (K, V), cut into chunks, is read by learnable
   multi-head queries and folded by a gated recurrence into a fixed-size state `(S, n)`.
 - `WeightAbsorption` (§3): `W' = W + s·W1·hᵀ·W2` on one target linear, as a per-sample side
   branch (training) or merged into the weight (inference); `W1 = 0` at init, so the adapted
   model starts as the base.
-- `StreamAdapter` (§6): a frozen `TinyGPT`, one mapper per adapted layer and the absorptions,
-  with `reset_state` / `absorb` / `commit` / `uncommit` / `forward`.
+- `AdaptedGPT` (§6): a frozen `TinyGPT`, one mapper per adapted layer and the absorptions,
+  with `reset_state` / `absorb` / `commit` / `uncommit` / `forward` / `stream_state`.
+- `StreamAdapter` (§5, §6): the LightningModule — Stage B meta-training on episodes
+  (`mode: meta_train`) and test-then-absorb over a context stream (`mode: stream`), resetting
+  on a `ShiftDetector` firing, on oracle segment changes (`SegmentReset`) or never.
 
-Not in this slice: Stage B training (LightningModule), `observe`, configs, the benchmark.
+Stage A (the base learning in context) is `strategies/icl_families.py`.
 """
 
 from __future__ import annotations
@@ -822,6 +825,15 @@ class StreamAdapter(StreamLearner):
                 "families": self.families, "steps": self.update_steps,
                 "adapter_params": sum(p.numel() for p in self.core.adapter_parameters()),
                 "base_sha256": self.base_record["sha256"]})
+            exp = getattr(self.logger, "experiment", None)
+            if exp is not None and hasattr(exp, "add_figure"):
+                from adaptlab.figures import demo_curve_figure, plt
+
+                fig = demo_curve_figure({"StreamAdapter": self.curves[-1]["curve"]},
+                                        title="Stage B: adapter skill vs demonstrations",
+                                        window=self.task["window"])
+                exp.add_figure("adapter_curve", fig, global_step=self.update_steps)
+                plt.close(fig)
         if self.export:
             save_atomic(self.adapter_record(), self.export)
 
@@ -862,10 +874,7 @@ class StreamAdapter(StreamLearner):
             if self.detector is not None and self._shift(loss):
                 self.core.reset_state(1)
                 self.resets.append(self.batch_position)
-            tokens, values = self._unpack(x)
-            demo_values = values.clone()
-            demo_values[:, -1] = 1.0  # has_y (label families carry y in the label token)
-            self.core.absorb(tokens[None], demo_values[None], label_tokens=y[None])
+            self.absorb_examples(x, y)
         self._count_step()  # absorbing is this learner's update: steps, checkpoints, max_steps
         self.__dict__["update_steps"] += 1
         if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
@@ -888,6 +897,18 @@ class StreamAdapter(StreamLearner):
             return True
         det.commit(0, value)
         return False
+
+    def absorb_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Absorb labelled stream samples (packed `x` (B, 2 + dv), label ids `y`) as B demos,
+        in order, into the current state (batch 1): the label goes into the label token."""
+        tokens, values = self._unpack(x)
+        demo_values = values.clone()
+        demo_values[:, -1] = 1.0  # has_y (label families carry y in the label token)
+        self.core.absorb(tokens[None], demo_values[None], label_tokens=y[None])
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The spec's name for answering queries from the current state (`forward`)."""
+        return self(x)
 
     def shift_events(self) -> list[int]:
         return list(self.resets)

@@ -787,3 +787,19 @@ class TestAvalancheAgreement:
         assert np.allclose(theirs, ours)
         if R.shape[0] == R.shape[1] and first == list(range(R.shape[1])):
             assert np.allclose(forgetting(R), ours)
+
+
+def test_recovery_samples_on_hand_made_events():
+    from adaptlab.metrics import OnlineEvents, recovery_samples
+
+    # occurrence 1 (samples 0..40), batches of 4 with 0,0,1,2,4,4,4,4,4,4 correct: plateau 1.0
+    # (the last 2 batches); the 4-batch mean first reaches 0.9 at batch 7 (pos 28) -> 32
+    # samples. Occurrence 2: right from its first batch -> one 4-batch window, 16 samples.
+    # Occurrence 3: never right, plateau 0 -> None.
+    c1 = [0, 0, 1, 2, 4, 4, 4, 4, 4, 4]
+    c2 = [4] * 10
+    c3 = [0] * 10
+    pos = list(range(0, 120, 4))
+    ev = OnlineEvents(pos, [4] * 30, c1 + c2 + c3, [0] * 10 + [1] * 10 + [2] * 10)
+    assert recovery_samples(ev, [40, 80, 120]) == [32, 16, None]
+    assert recovery_samples(ev, [40], smooth=1) == [20]

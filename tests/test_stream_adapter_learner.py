@@ -122,6 +122,11 @@ def test_stage_a_learns_in_context(tmp_path):
     assert curve[8]["skill"] > curve[0]["skill"] + 0.15
     metrics = json.load(open(os.path.join(tmp_path, "a", "version_0", "metrics.json")))
     assert "icl_check" in metrics and "tokcls4" in metrics["icl_curve"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(os.path.join(tmp_path, "a", "version_0")).Reload().Tags()
+    assert {"train/loss", "icl/tokcls4/k8", "icl/seen/kW"} <= set(tags["scalars"])
+    assert "icl_curve" in tags["images"]
 
 
 # ----- Stage B ---------------------------------------------------------------------------------
@@ -307,3 +312,20 @@ def test_cli_weak_base_is_one_line(base_path, tmp_path):
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith("adaptlab: error: base:") and "icl_check" in lines[-1]
+
+
+def test_context_stream_report_runs_the_three_policies(base_path, adapter_path, tmp_path):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "csr", os.path.join(root, "tools", "context_stream_report.py"))
+    csr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(csr)
+    text = csr.main(["--seeds", "0", "--log-dir", str(tmp_path), "--",
+                     "--model.init_args.base", base_path, "--model.init_args.adapter",
+                     adapter_path, "--data.stream.init_args.examples_per_segment", "16"])
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["detected", "none", "segment"]
+    oracle = json.load(open(tmp_path / "stream_adapter" / "segment_s0" / "metrics.json"))
+    assert oracle["shift_detection"]["detections"] == [16, 32, 48, 64]  # the true changes
