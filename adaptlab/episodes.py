@@ -31,6 +31,7 @@ from .streams.icl import (
 )
 
 K_DISTS = ("uniform", "loguniform")
+REG_IDS = tuple(FAMILIES.index(f) for f in REGRESSION)
 
 
 def draw_k(seed: int, step: int, k_dist: str, k_min: int, k_max: int) -> int:
@@ -169,10 +170,9 @@ def predictions(
 
     `logits` (B, q, L) over the label block, `reg` (B, q), `family` (B,) indices into FAMILIES.
     """
-    label = (logits.argmax(-1) + vocab.label_start).to(reg.dtype)
-    is_reg = torch.tensor([FAMILIES[f] in REGRESSION for f in family.tolist()],
-                          device=reg.device)
-    return torch.where(is_reg[:, None], reg, label)
+    label = (logits.argmax(-1) + vocab.label_start).float()  # ids exceed bf16's exact range
+    is_reg = torch.isin(family, torch.tensor(REG_IDS, device=family.device))
+    return torch.where(is_reg[:, None], reg.float(), label)
 
 
 @torch.no_grad()

@@ -137,6 +137,9 @@ class StreamLearner(pl.LightningModule):
             if sync is not None:
                 sync([p for group in optimizer.param_groups for p in group["params"]], n)
             if clip is not None:
+                scaler = getattr(self._trainer.precision_plugin, "scaler", None)
+                if scaler is not None:  # fp16 AMP: clip the true gradients, not scaled ones
+                    scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
                 _clip(optimizer, clip)
             for hook in self._update_hooks:
                 hook(self.update_steps)

@@ -220,8 +220,8 @@ class TinyGPT(nn.Module):
         return self.wpe
 
     def hidden(
-        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-        past_kv: list[KV] | None = None, label_tokens: torch.Tensor | None = None,
+        self, tokens: torch.Tensor, *, label_tokens: torch.Tensor | None = None,
+        values: torch.Tensor | None = None, past_kv: list[KV] | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Final-LayerNorm hidden states (B, T, d) and every layer's full (K, V)."""
         b, t = tokens.shape
@@ -245,23 +245,23 @@ class TinyGPT(nn.Module):
         return self.ln_f(h), kvs
 
     def forward(
-        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-        past_kv: list[KV] | None = None, return_kv: bool = False,
-        label_tokens: torch.Tensor | None = None,
+        self, tokens: torch.Tensor, *, label_tokens: torch.Tensor | None = None,
+        values: torch.Tensor | None = None, past_kv: list[KV] | None = None,
+        return_kv: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[KV]]:
         """Logits (B, T, V) at every position; with `return_kv`, also per-layer (K, V), each
-        (B, n_head, T_past + T, d_head)."""
-        h, kvs = self.hidden(tokens, values, past_kv, label_tokens)
+        (B, n_head, T_past + T, d_head). Inputs after `tokens` are keyword-only (spec §1)."""
+        h, kvs = self.hidden(tokens, label_tokens=label_tokens, values=values, past_kv=past_kv)
         logits = self.head(h)
         return (logits, kvs) if return_kv else logits
 
     @torch.no_grad()
     def prefill(
-        self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-        label_tokens: torch.Tensor | None = None,
+        self, tokens: torch.Tensor, *, label_tokens: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Run a prefix once: its logits and the per-layer (K, V) to pass as `past_kv`."""
-        return self.forward(tokens, values, return_kv=True, label_tokens=label_tokens)
+        return self.forward(tokens, label_tokens=label_tokens, values=values, return_kv=True)
 
     def regress(self, h: torch.Tensor) -> torch.Tensor:
         """The scalar regression read-out (..., d) -> (...), for models built with reg_head."""

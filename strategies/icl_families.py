@@ -45,20 +45,25 @@ def family_readout(
     return F.linear(h, head.weight[lo:hi], bias), model.regress(h)
 
 
+def _per_family_sum(per_row: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+    """Mean of `per_row` within each family present, summed over families (no host sync)."""
+    sums = per_row.new_zeros(len(FAMILIES)).index_add(0, family, per_row)
+    counts = torch.bincount(family, minlength=len(FAMILIES)).to(per_row.dtype)
+    return (sums / counts.clamp(min=1)).sum()
+
+
 def family_loss(
     logits: torch.Tensor, reg: torch.Tensor, target: torch.Tensor, family: torch.Tensor,
     vocab: FamilyVocab,
 ) -> torch.Tensor:
     """Per family: cross-entropy over the label block or MSE; averaged per family, summed."""
-    total = logits.new_zeros(())
-    for f in family.unique().tolist():
-        rows = family == f
-        if f in REG_IDS:
-            total = total + F.mse_loss(reg[rows], target[rows])
-        else:
-            lab = (target[rows] - vocab.label_start).long()
-            total = total + F.cross_entropy(logits[rows].flatten(0, 1), lab.flatten())
-    return total
+    is_reg = torch.isin(family, torch.tensor(REG_IDS, device=family.device))
+    n_lab = logits.shape[-1]
+    lab = (target - vocab.label_start).long().clamp(0, n_lab - 1)  # regression rows: unused
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten(), reduction="none")
+    mse = (reg.float() - target.float()) ** 2
+    per_row = torch.where(is_reg, mse.mean(1), ce.view_as(mse).mean(1))
+    return _per_family_sum(per_row, family)
 
 
 def distill_loss(
@@ -67,16 +72,13 @@ def distill_loss(
 ) -> torch.Tensor:
     """`KL(teacher ‖ student)` over the label block, or the squared gap of the regression
     read-outs (the KL of unit-variance Gaussians, up to ½); averaged per family, summed."""
-    total = logits.new_zeros(())
-    for f in family.unique().tolist():
-        rows = family == f
-        if f in REG_IDS:
-            total = total + F.mse_loss(reg[rows], t_reg[rows])
-        else:
-            student = logits[rows].flatten(0, 1).log_softmax(-1)
-            teacher = t_logits[rows].flatten(0, 1).log_softmax(-1)
-            total = total + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    return total
+    is_reg = torch.isin(family, torch.tensor(REG_IDS, device=family.device))
+    student = logits.float().log_softmax(-1)
+    teacher = t_logits.float().log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    gap = (reg.float() - t_reg.float()) ** 2
+    per_row = torch.where(is_reg, gap.mean(1), kl.mean(1))
+    return _per_family_sum(per_row, family)
 
 
 def zero_shot_outputs(
@@ -85,8 +87,8 @@ def zero_shot_outputs(
     """The base on each query alone at position 0, no context: what an empty state answers."""
     b, q = batch["q_token"].shape
     h, _ = model.hidden(batch["q_token"].reshape(b * q, 1),
-                        batch["q_value"].reshape(b * q, 1, -1),
-                        label_tokens=batch["q_label"].reshape(b * q, 1))
+                        label_tokens=batch["q_label"].reshape(b * q, 1),
+                        values=batch["q_value"].reshape(b * q, 1, -1))
     return family_readout(model, h.reshape(b, q, -1), vocab)
 
 
@@ -105,7 +107,7 @@ def icl_outputs(
     tokens = torch.cat([ct, batch["q_token"]], 1)
     labels = torch.cat([cl, batch["q_label"]], 1)
     values = torch.cat([cv, batch["q_value"]], 1)
-    h, _ = model.hidden(tokens, values, label_tokens=labels)
+    h, _ = model.hidden(tokens, label_tokens=labels, values=values)
     return family_readout(model, h[:, k:], vocab)
 
 
@@ -235,6 +237,9 @@ class FamilyInContextLearner(StreamLearner):
         if dm.vocab.size != self.n_classes:
             raise ValueError(f"data: vocabulary {dm.vocab.size} != the model's {self.n_classes}")
         self.task = dm.task_info()
+        if self.eval_ks is not None and not {0, self.task["window"]} <= set(self.eval_ks):
+            raise ValueError(f"eval_ks: must include 0 and W = {self.task['window']} (the "
+                             f"icl_check gate compares them), got {self.eval_ks}")
 
     @property
     def vocab(self) -> FamilyVocab:

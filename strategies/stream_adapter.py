@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,7 +35,7 @@ from adaptlab.episodes import EpisodeDataModule, demo_curve
 from adaptlab.jsonio import write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import KV, TinyGPT
-from adaptlab.streams.icl import FamilyVocab
+from adaptlab.streams.icl import UNSEEN, FamilyVocab, value_dim
 
 from .icl_families import (
     distill_loss,
@@ -365,6 +365,18 @@ class AdaptedGPT(nn.Module):
         self._cache_mask = torch.zeros(self.batch, 0, dtype=torch.bool, device=first.queries.device)
         self._consumed = 0  # positions of the current block already folded into S
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> AdaptedGPT:
+        """`.to()`, `.cuda()`, `.half()` … also move the streaming state (plain tensors)."""
+        super()._apply(fn, recurse)
+        if hasattr(self, "_s"):
+            self._s = [fn(s) for s in self._s]
+            self._n = fn(self._n)
+            self._cache_mask = fn(self._cache_mask)
+            if self._cache is not None:
+                self._cache = [(fn(k), fn(v)) for k, v in self._cache]
+        return self
+
     @property
     def state_nbytes(self) -> int:
         """Bytes of the fast state `(S, n)`: fixed by the config, whatever the stream length."""
@@ -403,7 +415,8 @@ class AdaptedGPT(nn.Module):
             piece_l = None if label_tokens is None else label_tokens[:, pos : pos + take]
             with torch.no_grad():
                 _, kvs = self.base.hidden(
-                    tokens[:, pos : pos + take], piece_v, self._cache, piece_l
+                    tokens[:, pos : pos + take], label_tokens=piece_l, values=piece_v,
+                    past_kv=self._cache,
                 )
             self._cache = kvs
             self._cache_mask = torch.cat([self._cache_mask, mask[:, pos : pos + take].bool()], 1)
@@ -482,13 +495,13 @@ class AdaptedGPT(nn.Module):
         batch 1 is shared by all queries).
         """
         if self.committed:
-            return self.base.hidden(tokens, values, None, label_tokens)[0]
+            return self.base.hidden(tokens, label_tokens=label_tokens, values=values)[0]
         hs = self.state_h()
         try:
             for key, absorption in self.absorptions.items():
                 h = hs[int(key.split("_")[0])]
                 absorption.h = h.repeat_interleave(per_context, 0) if per_context > 1 else h
-            return self.base.hidden(tokens, values, None, label_tokens)[0]
+            return self.base.hidden(tokens, label_tokens=label_tokens, values=values)[0]
         finally:
             for absorption in self.absorptions.values():
                 absorption.h = None
@@ -539,8 +552,15 @@ class AdaptedGPT(nn.Module):
         dev = self.mappers[str(self.layer_ids[0])].queries.device
         self.reset_state(int(state["batch"]))
         saved = list(state["s"])
-        if len(saved) != len(self._s) or saved[0].shape != self._s[0].shape:
-            raise ValueError("load_stream_state: the state was written by another adapter shape")
+        mask, consumed, cache = state["cache_mask"], int(state["consumed"]), state["cache"]
+        length = mask.shape[1]
+        if (len(saved) != len(self._s) or saved[0].shape != self._s[0].shape
+                or not 0 <= consumed <= length <= self.block_size
+                or consumed % self.chunk_size
+                or (cache is None) != (length == 0)
+                or (cache is not None and cache[0][0].shape[2] != length)):
+            raise ValueError("load_stream_state: the state was written by an adapter of "
+                             "another shape (slots, chunk or block size)")
         self._s = [s.to(dev) for s in saved]
         self._n = state["n"].to(dev)
         self._consumed = int(state["consumed"])
@@ -575,7 +595,10 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"adapter: no Stage B export at {path!r}")
-    rec = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        rec = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"adapter: {path!r} is not readable ({type(err).__name__})") from None
     if not isinstance(rec, dict) or rec.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"adapter: {path!r} is not a StreamAdapter export ({ADAPTER_FORMAT})")
     base, base_rec = load_base(base_path or rec["base_path"])
@@ -586,7 +609,11 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
             "the adapter was trained on"
         )
     core = AdaptedGPT(base, **rec["adapter_args"])
-    core.load_state_dict(rec["state_dict"], strict=False)
+    missing, unexpected = core.load_state_dict(rec["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("base.")]
+    if missing or unexpected:
+        raise ValueError(f"adapter: {path!r} does not fit its settings (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
     return core, rec
 
 
@@ -634,6 +661,7 @@ class StreamAdapter(StreamLearner):
         log_norms_every: observe steps between ‖S‖ and ‖ΔW‖/‖W‖ logs in `stream` mode.
         distill: λ of the optional `λ·KL(ICL teacher ‖ adapted)` term for k ≤ W (spec §5;
             not from the paper; 0 disables it).
+        allow_unseen: let Stage B train on families held out as unseen (spec §4).
         **kwargs: `StreamLearner` arguments (linked shapes, seed).
     """
 
@@ -647,7 +675,7 @@ class StreamAdapter(StreamLearner):
         eval_every: int = 500, eval_episodes: int = 256, eval_ks: Sequence[int] | None = None,
         eval_seed: int = 4321, export: str | None = None, reset_on: str = "detected",
         detector: dict[str, Any] | None = None, log_norms_every: int = 50, distill: float = 0.0,
-        **kwargs: Any,
+        allow_unseen: bool = False, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -684,6 +712,12 @@ class StreamAdapter(StreamLearner):
         self.vocab = FamilyVocab(self.task["n_items"], self.task["n_labels"])
         if self.n_classes != self.vocab.size:
             raise ValueError(f"data: vocabulary {self.n_classes} != the base's {self.vocab.size}")
+        if mode == "stream" and self.input_shape != (2 + value_dim(self.task["size"]),):
+            raise ValueError(
+                f"data: samples of shape {self.input_shape} are not packed examples of the "
+                f"base's size {self.task['size']!r} ({2 + value_dim(self.task['size'])} "
+                "values); use a streams.icl.ContextStream of that size")
+        self.allow_unseen = allow_unseen
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.clip = warmup_steps, clip
         self.eval_every, self.eval_episodes, self.eval_seed = eval_every, eval_episodes, eval_seed
@@ -742,9 +776,24 @@ class StreamAdapter(StreamLearner):
                     raise ValueError(f"data.{key}: {info[key]!r}, the base was trained with "
                                      f"{self.task[key]!r}")
             self.families = list(info["families"])
-        elif isinstance(dm, EpisodeDataModule):
+            unseen = [f for f in self.families if f in UNSEEN]
+            if unseen and not self.allow_unseen:
+                raise ValueError(
+                    f"data.families: {unseen} are held out as unseen (spec §4); meta-training "
+                    "on them voids the unseen-family comparison (allow_unseen: true overrides)")
+            return
+        if isinstance(dm, EpisodeDataModule):
             raise ValueError("StreamAdapter(mode: stream): data must be a context stream, not "
                              "episodes; use mode: meta_train to train the adapter")
+        params = getattr(getattr(dm, "stream", None), "params", None) or {}
+        for key in ("size", "n_items", "n_labels"):
+            if key in params and params[key] != self.task[key]:
+                raise ValueError(f"data.stream.{key}: {params[key]!r}, the adapter's base was "
+                                 f"trained with {self.task[key]!r}")
+        if self.reset_on == "segment" and self._trainer is not None and not any(
+                isinstance(cb, SegmentReset) for cb in self.trainer.callbacks):
+            raise ValueError("reset_on: segment needs the SegmentReset callback "
+                             "(--trainer.callbacks+=adaptlab.strategies.SegmentReset)")
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         if self.mode != "meta_train":

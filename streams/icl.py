@@ -798,6 +798,10 @@ def pack_queries(token: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.cat([token.float()[:, None], torch.zeros(n, 1), value.float()], 1)
 
 
+CONTEXT_KEY = 1 << 40
+"""Key offset of context-stream tasks: never the key of a training batch or episode."""
+
+
 class ContextStream(StreamBuilder):
     """A test-time context stream (`stream_adapter.md` §4, §6): each segment is one task of a
     label family; its labelled examples arrive in mini-batches, nobody says when the task
@@ -831,6 +835,8 @@ class ContextStream(StreamBuilder):
                           ("batch_size", batch_size), ("n_test", n_test)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {val!r}")
+        if n_items < 8 or n_labels < 8:
+            raise ValueError(f"n_items and n_labels: at least 8 each, got {n_items}, {n_labels}")
         self.order = list(range(n_tasks)) if order is None else [int(o) for o in order]
         if not self.order or any(not 0 <= o < n_tasks for o in self.order):
             raise ValueError(f"order: task ids must be in [0, {n_tasks}), got {order!r}")
@@ -850,7 +856,8 @@ class ContextStream(StreamBuilder):
         for t, c in counts.items():
             # one task per id: all its occurrences and its test queries from one draw
             m = c * self.per + self.n_test
-            s = icl_sequences(self.family, 1, m - 1, self.seed, self.size, self.vocab, key=t)
+            s = icl_sequences(self.family, 1, m - 1, self.seed, self.size, self.vocab,
+                              key=CONTEXT_KEY + t)
             label = s["label_token"][0].clone()
             label[-1] = s["target"][0]
             value = s["value"][0].clone()

@@ -188,3 +188,50 @@ def test_regression_episode_answers_are_the_hidden_ys():
     torch.testing.assert_close(e["queries"]["target"][:, :3], full["value"][:, 5:8, -2])
     torch.testing.assert_close(e["queries"]["target"][:, 3], full["target"])
     assert (e["queries"]["value"][..., -2:] == 0).all()
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+@pytest.mark.parametrize("family", ["linreg", "sparse_linreg"])
+def test_regression_families_are_exactly_learnable_with_unit_variance(family, size):
+    """Least squares on k >= d demos recovers w (nMSE < 1e-3, spec §8.9); Var y = 1."""
+    from adaptlab.streams.icl import SIZES
+
+    d, k = SIZES[size]["d"], 3 * SIZES[size]["d"]
+    s = icl_sequences(family, 256, k, seed=5, size=size)
+    x, y = s["value"][:, :k, :d].double(), s["value"][:, :k, -2].double()
+    w = torch.linalg.lstsq(x, y[..., None]).solution[..., 0]
+    pred = (s["value"][:, k, :d].double() * w).sum(-1)
+    assert float(((pred - s["target"].double()) ** 2).mean()) < 1e-3
+    ys = torch.cat([y.flatten(), s["target"].double()])
+    assert 0.85 < float(ys.var()) < 1.15
+
+
+def test_family_skill_on_hand_made_cases():
+    from adaptlab.streams.icl import family_skill
+
+    pred, target = torch.tensor([0.0, 1.0, 3.0]), torch.tensor([0.0, 0.0, 1.0])
+    torch.testing.assert_close(family_skill("linreg", pred, target),
+                               torch.tensor([1.0, 0.0, -3.0]))  # 1 − (ŷ − y)²
+    torch.testing.assert_close(family_skill("tokcls4", torch.tensor([64, 65]),
+                                            torch.tensor([64, 66])), torch.tensor([1.0, 0.0]))
+
+
+def test_demo_curve_scores_perfect_and_constant_predictors():
+    from adaptlab.episodes import demo_curve
+    from adaptlab.streams.icl import FamilyVocab
+
+    vocab = FamilyVocab()
+
+    def oracle(b):  # knows the answers: skill 1, nMSE 0, SE 0
+        logits = torch.nn.functional.one_hot(
+            (b["target"] - vocab.label_start).long().clamp(0, 15), 16).float()
+        return logits, b["target"]
+
+    def zero(b):  # predicts 0 for regression: nMSE ≈ Var y = 1
+        return torch.zeros(*b["target"].shape, 16), torch.zeros_like(b["target"])
+
+    good = demo_curve(oracle, ["tokcls4", "linreg"], [0, 4], episodes=64, n_query=4, seed=1)
+    assert good["tokcls4"][4] == {"skill": 1.0, "se": 0.0}
+    assert good["linreg"][0]["nmse"] == pytest.approx(0.0, abs=1e-9)
+    base = demo_curve(zero, ["linreg"], [4], episodes=512, n_query=4, seed=1)["linreg"][4]
+    assert 0.85 < base["nmse"] < 1.15 and base["skill"] < 0.15 and 0 < base["se"] < 0.1

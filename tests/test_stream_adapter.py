@@ -345,12 +345,13 @@ def test_gate_zero_gives_last_chunk_computed_within_its_block() -> None:
         adapter.absorb(tokens, values)
         states, n = adapter.effective_state()
         assert n.item() == 4
-        _, kvs = adapter.base(tokens[:, 8:], values[:, 8:], return_kv=True)  # block 2 from pos 0
+        # block 2 encoded on its own, from position 0
+        _, kvs = adapter.base(tokens[:, 8:], values=values[:, 8:], return_kv=True)
         for s, i in zip(states, adapter.layer_ids):
             k, v = kvs[i]
             last, _ = adapter.mappers[str(i)].summarize(k[:, :, 4:], v[:, :, 4:])
             torch.testing.assert_close(s, last, atol=1e-5, rtol=0)
-        _, kvs = adapter.base(tokens, values, return_kv=True)  # one long sequence differs
+        _, kvs = adapter.base(tokens, values=values, return_kv=True)  # one long sequence differs
         k, v = kvs[0]
         wrong, _ = adapter.mappers["0"].summarize(k[:, :, 12:], v[:, :, 12:])
         assert (wrong - states[0]).abs().max() > 1e-4

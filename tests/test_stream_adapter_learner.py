@@ -22,9 +22,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from adaptlab.data import StreamDataModule
 from adaptlab.episodes import EpisodeDataModule, draw_k
 from adaptlab.evaluation import StreamEvaluator
-from adaptlab.streams.icl import ContextStream
+from adaptlab.streams.icl import ContextStream, FamilyVocab
 from strategies.icl_families import (
     FamilyInContextLearner,
+    distill_loss,
+    family_loss,
     icl_outputs,
     load_base,
     save_atomic,
@@ -72,7 +74,23 @@ def adapter_path(base_path, tmp_path_factory) -> str:
                        input_shape=dm.input_shape, n_classes=dm.n_classes,
                        batch_size=dm.batch_size)
     trainer(tmp, "b", 6).fit(sa, datamodule=dm)
+    # Stage B left the frozen base exactly as Stage A exported it
+    assert state_hash(sa.core.base.state_dict()) == load_base(base_path)[1]["sha256"]
     return str(tmp / "sa.pt")
+
+
+@pytest.fixture(scope="module")
+def strong_adapter_path(adapter_path, tmp_path_factory) -> str:
+    """The Stage B export with large random `W1`: the state then moves every answer, so a
+    state lost on resume could not go unnoticed."""
+    rec = torch.load(adapter_path, weights_only=True)
+    gen = torch.Generator().manual_seed(7)
+    for key, t in rec["state_dict"].items():
+        if key.endswith(".w1"):
+            rec["state_dict"][key] = torch.randn(t.shape, generator=gen)
+    path = str(tmp_path_factory.mktemp("strong") / "strong.pt")
+    save_atomic(rec, path)
+    return path
 
 
 # ----- episodes --------------------------------------------------------------------------------
@@ -164,18 +182,48 @@ def test_stage_b_step_zero_is_zero_shot(base_path):
 
 
 def test_distillation_term_pulls_towards_the_icl_teacher(base_path, tmp_path):
-    """`distill > 0` adds KL(ICL teacher ‖ adapted) for k ≤ W: a different first update."""
+    """`distill > 0` adds λ·KL(ICL teacher ‖ adapted) for k ≤ W: the step's gradient is the
+    task gradient plus λ times the KL's, and steps on the KL alone bring the adapter closer."""
     dm = episode_dm(SEEN, k_dist="uniform", k_min=2, k_max=8)
-    grads = {}
-    for lam in (0.0, 1.0):
-        sa = StreamAdapter(base=base_path, allow_weak_base=True, chunk_size=4, distill=lam,
-                           eval_every=0, input_shape=dm.input_shape, n_classes=dm.n_classes)
-        trainer(tmp_path, f"d{lam}", 1).fit(sa, datamodule=dm)
-        grads[lam] = torch.cat([a.w1.detach().flatten() for a in sa.core.absorptions.values()])
-    assert not torch.allclose(grads[0.0], grads[1.0])
+    batch = dm.batch(0)
+    sa = StreamAdapter(base=base_path, allow_weak_base=True, chunk_size=4, eval_every=0,
+                       input_shape=dm.input_shape, n_classes=dm.n_classes)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for a in sa.core.absorptions.values():
+            a.w1.copy_(torch.randn(a.w1.shape, generator=gen) * 0.3)
+    with torch.no_grad():
+        t_logits, t_reg = icl_outputs(sa.core.base, batch, sa.vocab)
+
+    def kl() -> torch.Tensor:
+        logits, reg = sa.adapted_outputs(batch)
+        return distill_loss(logits, reg, t_logits, t_reg, batch["family"])
+
+    before = float(kl())
+    assert before > 0
+    opt = torch.optim.SGD(sa.core.adapter_parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        kl().backward()
+        opt.step()
+    assert float(kl()) < before
     with pytest.raises(ValueError, match="distill"):
         StreamAdapter(base=base_path, allow_weak_base=True, distill=-1.0,
                       input_shape=dm.input_shape, n_classes=dm.n_classes)
+
+
+def test_family_loss_and_distill_loss_average_per_family():
+    vocab = FamilyVocab()
+    family = torch.tensor([0, 0, 2, 2, 2])  # linreg x2, logreg x3
+    target = torch.tensor([[1.0], [3.0], [64.0], [65.0], [64.0]])
+    reg = torch.tensor([[0.0], [0.0], [9.0], [9.0], [9.0]])
+    logits = torch.zeros(5, 1, 16)
+    logits[2:, 0, 0] = 10.0  # confident "label 64" for the logreg rows
+    loss = family_loss(logits, reg, target, family, vocab)
+    ce = torch.nn.functional.cross_entropy(logits[2:, 0], torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(loss, torch.tensor((1 + 9) / 2) + ce)
+    zero = distill_loss(logits, reg, logits, reg, family)
+    assert float(zero) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_adapter_with_another_base_is_refused(base_path, adapter_path, tmp_path):
@@ -243,10 +291,12 @@ def test_detector_resets_on_a_loss_jump(base_path, adapter_path):
 
 
 def run_stream(base_path, adapter_path, log_dir, crash_at=None, ckpt_path=None,
-               reset_on="detected"):
-    st = context_stream()
-    sa = stream_learner(base_path, adapter_path, reset_on=reset_on,
-                        detector={"window": 10, "grace": 2})
+               reset_on="detected", batch_size=4):
+    st = context_stream(batch_size=batch_size)
+    sa = StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
+                       input_shape=st.input_shape, n_classes=st.n_classes,
+                       batch_size=st.batch_size, log_norms_every=0, reset_on=reset_on,
+                       detector={"window": 4, "grace": 2, "sigma_floor": 0.01, "n_sigma": 1.0})
     ckpt = ModelCheckpoint(dirpath=os.path.join(log_dir, "ckpt"), every_n_train_steps=5,
                            save_last=True, save_top_k=-1)
     callbacks = [StreamEvaluator(print_table=False, figures=False), ckpt]
@@ -270,19 +320,39 @@ class Crash(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_stream_resumed_mid_segment_predicts_the_same(base_path, adapter_path, tmp_path):
-    whole, sa_whole = run_stream(base_path, adapter_path, str(tmp_path / "whole"))
+@pytest.mark.parametrize("reset_on", ["detected", "segment"])
+def test_stream_resumed_mid_segment_predicts_the_same(base_path, strong_adapter_path, tmp_path,
+                                                      reset_on):
+    """Batches of 3 against chunks of 4: the step-10 checkpoint (30 demos, in task 1) holds
+    pending positions; the resumed run ends with the same state, resets and metrics."""
+    args = (base_path, strong_adapter_path)
+    whole, sa_whole = run_stream(*args, str(tmp_path / "whole"), reset_on=reset_on,
+                                 batch_size=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_stream(base_path, adapter_path, str(tmp_path / "cut"), crash_at=8)  # in task 1
-    ckpt = torch.load(tmp_path / "cut" / "ckpt" / "last.ckpt", weights_only=False)
-    assert ckpt["adaptlab_learner"]["stream_state"]["n"].item() > 0  # mid-stream state saved
-    resumed, sa_res = run_stream(base_path, adapter_path, str(tmp_path / "cut"),
-                                 ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+        run_stream(*args, str(tmp_path / "cut"), crash_at=12, reset_on=reset_on, batch_size=3)
+    last = tmp_path / "cut" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    state = saved["adaptlab_learner"]["stream_state"]
+    assert saved["global_step"] == 10 and state["n"].item() > 0
+    assert state["cache_mask"].shape[1] - state["consumed"] > 0  # pending demos were saved
+    resumed, sa_res = run_stream(*args, str(tmp_path / "cut"), ckpt_path=str(last),
+                                 reset_on=reset_on, batch_size=3)
     assert resumed["accuracy_matrix"]["rows"] == whole["accuracy_matrix"]["rows"]
     assert resumed["final"]["acc_online"] == whole["final"]["acc_online"]
-    assert sa_res.resets == sa_whole.resets
+    assert sa_res.resets == sa_whole.resets and sa_whole.resets
+    if reset_on == "segment":
+        assert sa_whole.resets == [24, 48, 72]
+    else:
+        for key, buf in sa_whole.detector.state_dict().items():
+            torch.testing.assert_close(sa_res.detector.state_dict()[key], buf, equal_nan=True)
+    a, b = sa_whole.core.stream_state(), sa_res.core.stream_state()
+    for x, y in zip(a["s"], b["s"]):
+        torch.testing.assert_close(x, y)
     x = context_stream().test_sets[2][0]
     torch.testing.assert_close(sa_res(x), sa_whole(x))
+    # and the state matters: a fresh state answers differently
+    sa_res.reset_state(1)
+    assert not torch.allclose(sa_res(x), sa_whole(x))
 
 
 def test_segment_oracle_resets_at_true_changes(base_path, adapter_path, tmp_path):
@@ -291,6 +361,55 @@ def test_segment_oracle_resets_at_true_changes(base_path, adapter_path, tmp_path
     assert sa.hparams["oracle_segment_info"] is True
     assert len(metrics["accuracy_matrix"]["rows"]) == 4
     assert metrics["shift_detection"] is not None
+
+
+def test_segment_reset_needs_its_callback(base_path, adapter_path, tmp_path):
+    st = context_stream()
+    sa = stream_learner(base_path, adapter_path, reset_on="segment")
+    with pytest.raises(ValueError, match="SegmentReset callback"):
+        trainer(tmp_path, "s", 3).fit(sa, datamodule=StreamDataModule(st))
+
+
+def test_stream_of_another_size_is_refused(base_path, adapter_path, tmp_path):
+    with pytest.raises(ValueError, match="packed examples of the base's size"):
+        st = context_stream(size="small")
+        StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
+                      input_shape=st.input_shape, n_classes=st.n_classes)
+    st = context_stream(n_items=60, n_labels=20)  # same vocabulary size, other layout
+    sa = StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
+                       input_shape=st.input_shape, n_classes=st.n_classes, reset_on="none")
+    with pytest.raises(ValueError, match="data.stream.n_items: 60"):
+        trainer(tmp_path, "s", 3).fit(sa, datamodule=StreamDataModule(st))
+
+
+def test_state_follows_the_module_across_dtype_and_device_moves(base_path, adapter_path):
+    sa = stream_learner(base_path, adapter_path, reset_on="none")
+    st = context_stream()
+    sa.observe(st.x[:6], st.y[:6])  # 6 demos: one chunk folded, 2 pending
+    sa.double()  # the same path as .to("cuda"): nn.Module._apply
+    assert all(s.dtype == torch.float64 for s in sa.core.stream_state()["s"])
+    assert sa.core.stream_state()["cache"][0][0].dtype == torch.float64
+    assert sa(st.x[6:8].double()).dtype == torch.float64
+
+
+def test_incomplete_adapter_export_is_refused(adapter_path, tmp_path):
+    rec = torch.load(adapter_path, weights_only=True)
+    rec["state_dict"] = {k: v for k, v in rec["state_dict"].items() if not k.endswith(".w1")}
+    path = str(tmp_path / "broken.pt")
+    save_atomic(rec, path)
+    with pytest.raises(ValueError, match="does not fit its settings"):
+        load_adapter(path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not readable"):
+        load_adapter(str(tmp_path / "junk.pt"))
+
+
+def test_stage_b_refuses_unseen_families(base_path, tmp_path):
+    dm = episode_dm(["tokcls4", "tokcls8"])
+    sa = StreamAdapter(base=base_path, allow_weak_base=True, input_shape=dm.input_shape,
+                       n_classes=dm.n_classes, eval_every=0)
+    with pytest.raises(ValueError, match=r"\['tokcls8'\] are held out as unseen"):
+        trainer(tmp_path, "u", 1).fit(sa, datamodule=dm)
 
 
 def test_stream_mode_needs_an_adapter_export(base_path):

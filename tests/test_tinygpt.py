@@ -51,3 +51,26 @@ def test_values_and_errors():
         m(torch.zeros(1, 9, dtype=torch.long))
     with pytest.raises(ValueError, match="d_value=0"):
         tiny()(torch.zeros(1, 3, dtype=torch.long), values=torch.zeros(1, 3, 2))
+
+
+def test_label_tokens_values_reg_head_and_incremental_prefill():
+    """Input = E[token] + E[label_token] + R·value + E_pos (stream_adapter.md §1); prefilling
+    in pieces equals one prefill, label tokens and values included."""
+    torch.manual_seed(0)
+    m = TinyGPT(30, n_positions=12, n_layer=2, d_model=16, n_head=2, d_mlp=32, d_value=3,
+                reg_head=True, initializer_range=0.3)
+    tok, lab = torch.randint(0, 30, (2, 10)), torch.randint(0, 30, (2, 10))
+    val = torch.randn(2, 10, 3)
+    whole, kv = m.prefill(tok, label_tokens=lab, values=val)
+    _, kv1 = m.prefill(tok[:, :4], label_tokens=lab[:, :4], values=val[:, :4])
+    rest, kv2 = m(tok[:, 4:], label_tokens=lab[:, 4:], values=val[:, 4:], past_kv=kv1,
+                  return_kv=True)
+    torch.testing.assert_close(rest, whole[:, 4:], atol=1e-5, rtol=1e-5)
+    for (k_a, v_a), (k_b, v_b) in zip(kv, kv2):
+        torch.testing.assert_close(k_a, k_b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_a, v_b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(m(tok, values=val), whole)  # label tokens change the input
+    h, _ = m.hidden(tok, label_tokens=lab, values=val)
+    assert m.regress(h).shape == (2, 10)
+    with pytest.raises(ValueError, match="reg_head"):
+        tiny().regress(h[..., :16])

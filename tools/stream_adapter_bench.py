@@ -277,17 +277,19 @@ def cost_bench(exp: Export, ks: Sequence[int], reps: int, device: str, seed: int
         values = torch.cat([cv[:, :k], q[1]], 1)
         labels = torch.cat([cl[:, :k], q[2]], 1)
         row["icl_nocache_ms"] = median_ms(
-            lambda t=tokens, v=values, lab=labels: icl.hidden(t, v, label_tokens=lab), reps,
+            lambda t=tokens, v=values, lab=labels: icl.hidden(t, label_tokens=lab, values=v), reps,
             device)
         row["icl_nocache_peak_bytes"] = _peak_bytes(
-            lambda t=tokens, v=values, lab=labels: icl.hidden(t, v, label_tokens=lab), device)
+            lambda t=tokens, v=values, lab=labels: icl.hidden(t, label_tokens=lab, values=v),
+            device)
         del tokens, values, labels
-        kv = icl.hidden(ct[:, :k], cv[:, :k], label_tokens=cl[:, :k])[1]
+        kv = icl.hidden(ct[:, :k], label_tokens=cl[:, :k], values=cv[:, :k])[1]
         row["icl_kv_nbytes"] = _kv_nbytes(kv)
         row["icl_cached_ms"] = median_ms(
-            lambda kv=kv: icl.hidden(q[0], q[1], past_kv=kv, label_tokens=q[2]), reps, device)
+            lambda kv=kv: icl.hidden(q[0], label_tokens=q[2], values=q[1], past_kv=kv), reps,
+            device)
         row["icl_cached_peak_bytes"] = _peak_bytes(
-            lambda kv=kv: icl.hidden(q[0], q[1], past_kv=kv, label_tokens=q[2]), device)
+            lambda kv=kv: icl.hidden(q[0], label_tokens=q[2], values=q[1], past_kv=kv), device)
         del kv
         rows.append(row)
     core.reset_state(1)
