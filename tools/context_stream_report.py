@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"`python tools/context_stream_report.py --seeds {' '.join(map(str, args.seeds))}` "
         f"(mean ± sd over {len(args.seeds)} stream seeds)", "",
-        "| reset_on | acc_online | recovery (samples) | false alarms | missed | delay |",
+        "| reset_on | acc_online | recovery (samples) | false alarms | missed | delay (samples) |",
         "|---|---|---|---|---|---|",
     ]
     for p, rs in rows.items():

@@ -492,6 +492,32 @@ def skill_table(curves: dict[str, Curve], fams: dict[str, dict[str, Any]], ks: l
     return lines
 
 
+def summary_table(curves: dict[str, Curve], fams: dict[str, dict[str, Any]], window: int
+                  ) -> list[str]:
+    """StreamAdapter against the best in-context baseline at each k (ICL up to W, truncated
+    ICL beyond): `SA / ICL`, nMSE for regression (lower is better), accuracy otherwise."""
+    ks = [k for k in (4, window, 4 * window, 16 * window)
+          if any(_row(curves, "StreamAdapter", f, k) for f in fams)]
+    head = [f"k={k} ({'SA / ICL' if k <= window else 'SA / trunc. ICL'})" for k in ks]
+    lines = ["| family | split | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(ks)]
+    for fam, info in fams.items():
+        reg = fam in REGRESSION
+        cells = []
+        for k in ks:
+            sa = _row(curves, "StreamAdapter", fam, k)
+            icl = _row(curves, "ICL" if k <= window else "truncated ICL", fam, k)
+            if sa is None or icl is None:
+                cells.append("—")
+                continue
+            a, b = (sa["nmse"], icl["nmse"]) if reg else (sa["skill"], icl["skill"])
+            better = a <= b if reg else a >= b
+            cell = f"{a:.3f} / {b:.3f}"
+            cells.append(f"**{cell}**" if better else cell)
+        label = f"`{fam}` (nMSE)" if reg else f"`{fam}` (acc)"
+        lines.append(f"| {label} | {info['split']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _mark(ok: bool | None) -> str:
     return {True: "pass", False: "**fail**", None: "n/a"}[ok]
 
@@ -668,7 +694,10 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                      f"{', '.join(exp.unseen) or '—'}; Stage B steps "
                      f"{exp.record.get('steps', '?')}; base {exp.record['base_sha256'][:12]}; "
                      f"adapter {exp.record['adapter_args']}")
-    lines += ["", "## Skill vs demonstrations", "",
+    lines += ["", "## StreamAdapter vs in-context learning", "",
+              "Bold: StreamAdapter at least as good as the in-context baseline at that k.", "",
+              *summary_table(curves, fams, windows[0]),
+              "", "## Skill vs demonstrations", "",
               "Mean ± SE over episodes: nMSE for regression (lower is better), accuracy "
               "otherwise. zero-shot: the base on each query alone at position 0 (context "
               "ignored); ICL: `d1 … dk q1 … qq` in the window (k ≤ W; at k = 0 the queries "
