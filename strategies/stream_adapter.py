@@ -35,6 +35,7 @@ from adaptlab.episodes import EpisodeDataModule, demo_curve
 from adaptlab.jsonio import write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import KV, TinyGPT
+from adaptlab.streams.core import Purpose, rng
 from adaptlab.streams.icl import UNSEEN, FamilyVocab, value_dim
 
 from .icl_families import (
@@ -662,6 +663,9 @@ class StreamAdapter(StreamLearner):
         distill: λ of the optional `λ·KL(ICL teacher ‖ adapted)` term for k ≤ W (spec §5;
             not from the paper; 0 disables it).
         allow_unseen: let Stage B train on families held out as unseen (spec §4).
+        chunk_sizes: Stage B draws each step's `C` from this list (seeded by the step), so one
+            adapter serves several chunkings; inference uses `chunk_size`. How a context is
+            split into `absorb` calls needs no such sampling: any split gives the same state.
         **kwargs: `StreamLearner` arguments (linked shapes, seed).
     """
 
@@ -675,7 +679,7 @@ class StreamAdapter(StreamLearner):
         eval_every: int = 500, eval_episodes: int = 256, eval_ks: Sequence[int] | None = None,
         eval_seed: int = 4321, export: str | None = None, reset_on: str = "detected",
         detector: dict[str, Any] | None = None, log_norms_every: int = 50, distill: float = 0.0,
-        allow_unseen: bool = False, **kwargs: Any,
+        allow_unseen: bool = False, chunk_sizes: Sequence[int] | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -718,6 +722,11 @@ class StreamAdapter(StreamLearner):
                 f"base's size {self.task['size']!r} ({2 + value_dim(self.task['size'])} "
                 "values); use a streams.icl.ContextStream of that size")
         self.allow_unseen = allow_unseen
+        self.chunk_sizes = [int(c) for c in (chunk_sizes or [])]
+        bad = [c for c in self.chunk_sizes if c < 1 or self.core.block_size % c]
+        if bad:
+            raise ValueError(f"chunk_sizes: {bad} do not divide block_size "
+                             f"{self.core.block_size}")
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.clip = warmup_steps, clip
         self.eval_every, self.eval_episodes, self.eval_seed = eval_every, eval_episodes, eval_seed
@@ -816,7 +825,14 @@ class StreamAdapter(StreamLearner):
         factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
         for g in opt.optimizer.param_groups:
             g["lr"] = self.lr * factor
-        logits, reg = self.adapted_outputs(batch)
+        if self.chunk_sizes:
+            pick = int(rng(self.seed, Purpose.ICL_TASK, 2000, self.update_steps).integers(
+                len(self.chunk_sizes)))
+            self.core.chunk_size = self.chunk_sizes[pick]
+        try:
+            logits, reg = self.adapted_outputs(batch)
+        finally:
+            self.core.chunk_size = self.adapter_args["chunk_size"]
         loss = family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
         if self.distill and batch["ctx_token"].shape[1] <= self.task["window"]:
             with torch.no_grad():  # the base with the context in its window: the ICL teacher

@@ -448,3 +448,19 @@ def test_context_stream_report_runs_the_three_policies(base_path, adapter_path, 
     assert [r.split("`")[1] for r in rows] == ["detected", "none", "segment"]
     oracle = json.load(open(tmp_path / "stream_adapter" / "segment_s0" / "metrics.json"))
     assert oracle["shift_detection"]["detections"] == [16, 32, 48, 64]  # the true changes
+
+
+def test_stage_b_samples_chunk_sizes(base_path, tmp_path):
+    """`chunk_sizes` draws C per step (seeded): the chunkings seen in training vary, and
+    inference keeps `chunk_size`."""
+    dm = episode_dm(SEEN, k_dist="uniform", k_min=6, k_max=8)
+    sa = StreamAdapter(base=base_path, allow_weak_base=True, chunk_size=4, chunk_sizes=[2, 4],
+                       eval_every=0, input_shape=dm.input_shape, n_classes=dm.n_classes)
+    seen: list[int] = []
+    real = sa.core._fold_full_chunks
+    sa.core._fold_full_chunks = lambda: (seen.append(sa.core.chunk_size), real())[1]
+    trainer(tmp_path, "c", 6).fit(sa, datamodule=dm)
+    assert set(seen) == {2, 4} and sa.core.chunk_size == 4
+    with pytest.raises(ValueError, match=r"chunk_sizes: \[3\] do not divide block_size 8"):
+        StreamAdapter(base=base_path, allow_weak_base=True, chunk_size=4, chunk_sizes=[3],
+                      input_shape=dm.input_shape, n_classes=dm.n_classes)
