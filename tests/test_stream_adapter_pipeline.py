@@ -41,9 +41,15 @@ def test_tiny_pipeline(tmp_path):
                  base, "--model.init_args.export", path, "--trainer.logger.init_args.save_dir",
                  logs, "--threads", "2")
         adapters.append(path)
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" /
+    check_bench(adapters, tmp_path)
+
+
+def check_bench(adapters: list[str], tmp_path: Path) -> None:
+    """The benchmark's A0, A4 and A3 (non-label-map families) on the trained exports."""
+    spec = importlib.util.spec_from_file_location("stream_adapter_bench", ROOT / "tools" /
                                                   "stream_adapter_bench.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses resolve their module through sys.modules
     spec.loader.exec_module(bench)
     doc = bench.main(["--adapters", *adapters, "--quick", "--episodes", "256",
                       "--out", str(tmp_path / "bench")])
