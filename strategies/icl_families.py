@@ -176,7 +176,77 @@ def load_base(path: str) -> tuple[TinyGPT, dict[str, Any]]:
 # ----- Stage A -------------------------------------------------------------------------------
 
 
-class FamilyInContextLearner(StreamLearner):
+class EpisodicTraining:
+    """What Stage A and Stage B share: one AdamW step per episode batch (warm-up, cosine decay
+    to 0 at `trainer.max_steps`, gradient clip), the loss log, and the demo curve evaluated
+    every `eval_every` steps on fixed episodes and logged as `<curve_prefix>/<family>/k<k>`.
+
+    A `StreamLearner` subclass mixes it in and provides `episode_loss(batch)`, `predict_batch`
+    (a `demo_curve` predictor), `curve_families`, `curve_ks`, `curve_prefix`, `task`, `vocab`
+    and the optimiser settings (`lr`, `warmup_steps`, `clip`, `eval_*`).
+    """
+
+    curve_prefix = "curve"
+
+    def episodic_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
+        for g in opt.optimizer.param_groups:
+            g["lr"] = self.lr * factor
+        loss = self.episode_loss(batch)
+        self._check_finite(loss.detach()[None])
+        self.update(opt, loss, clip=self.clip)
+        self.samples_seen += len(batch["family"])
+        if self.logger is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self.logger.log_metrics(
+                {"train/loss": float(loss.detach()), "train/lr": self.lr * factor,
+                 "train/k": float(batch["ctx_token"].shape[1])}, step=self.update_steps)
+        if self.eval_every and self.update_steps % self.eval_every == 0:
+            self.evaluate_and_log()
+        return loss
+
+    def curve(self, families: Sequence[str] | None = None, episodes: int | None = None,
+              ks: Sequence[int] | None = None) -> dict[str, dict[int, dict[str, float]]]:
+        """Skill per family and k of `predict_batch` on the fixed evaluation episodes."""
+        was = self.training
+        self.eval()
+        try:
+            return demo_curve(
+                self.predict_batch, families or self.curve_families, ks or self.curve_ks,
+                episodes=episodes or self.eval_episodes, n_query=self.task["n_query"],
+                seed=self.eval_seed, size=self.task["size"], vocab=self.vocab,
+                device=self.device)
+        finally:
+            self.train(was)
+
+    def evaluate_and_log(self) -> dict[str, dict[int, dict[str, float]]]:
+        """Evaluate once per optimizer step (at most), keep the curve, log its scalars."""
+        if not (self.curves and self.curves[-1]["step"] == self.update_steps):
+            curve = self.curve()
+            self.curves.append({"step": self.update_steps, "curve": curve})
+            if self.logger is not None and self.trainer.is_global_zero:
+                vals = {f"{self.curve_prefix}/{f}/k{k}": row["skill"]
+                        for f, by_k in curve.items() for k, row in by_k.items()}
+                w = self.task["window"]
+                for name, fams in (("seen", SEEN), ("unseen", UNSEEN)):
+                    if any(f in curve and w in curve[f] for f in fams):
+                        vals[f"{self.curve_prefix}/{name}/kW"] = average_skill(curve, fams, w)
+                self.logger.log_metrics(vals, step=self.update_steps)
+        return self.curves[-1]["curve"]
+
+    def log_curve_figure(self, tag: str, curves: dict[str, Any], title: str) -> None:
+        """A `demo_curve_figure` of `curves` (method -> curve) in TensorBoard."""
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_figure"):
+            return
+        from adaptlab.figures import demo_curve_figure, plt
+
+        fig = demo_curve_figure(curves, title=title, window=self.task["window"])
+        exp.add_figure(tag, fig, global_step=self.update_steps)
+        plt.close(fig)
+
+
+class FamilyInContextLearner(EpisodicTraining, StreamLearner):
     """Stage A: a TinyGPT learns every task family in context (spec §5).
 
     Args:
@@ -260,51 +330,28 @@ class FamilyInContextLearner(StreamLearner):
              {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, betas=self.betas)
 
     # -- training -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        opt = self.optimizers()
-        factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
-        for g in opt.optimizer.param_groups:
-            g["lr"] = self.lr * factor
+    curve_prefix = "icl"
+
+    def episode_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits, reg = icl_outputs(self.model, batch, self.vocab)
-        loss = family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
-        self._check_finite(loss.detach()[None])
-        self.update(opt, loss, clip=self.clip)
-        self.samples_seen += len(batch["family"])
-        if self.logger is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
-            self.logger.log_metrics(
-                {"train/loss": float(loss.detach()), "train/lr": self.lr * factor},
-                step=self.update_steps)
-        if self.eval_every and self.update_steps % self.eval_every == 0:
-            self._evaluate_and_log()
+        return family_loss(logits, reg, batch["target"], batch["family"], self.vocab)
 
-    def curve(self, episodes: int | None = None) -> dict[str, dict[int, dict[str, float]]]:
-        """The ICL curve of the current model on the fixed evaluation episodes."""
-        was = self.training
-        self.eval()
-        try:
-            return demo_curve(
-                lambda b: icl_outputs(self.model, b, self.vocab), self.task["families"], self.ks,
-                episodes=episodes or self.eval_episodes, n_query=self.task["n_query"],
-                seed=self.eval_seed, size=self.task["size"], vocab=self.vocab,
-                device=self.device)
-        finally:
-            self.train(was)
+    def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return icl_outputs(self.model, batch, self.vocab)
 
-    def _evaluate_and_log(self) -> None:
-        if self.curves and self.curves[-1]["step"] == self.update_steps:
-            return
-        curve = self.curve()
-        self.curves.append({"step": self.update_steps, "curve": curve})
-        if self.logger is not None and self.trainer.is_global_zero:
-            vals = {f"icl/{f}/k{k}": row["skill"] for f, by_k in curve.items()
-                    for k, row in by_k.items()}
-            for name, fams in (("seen", SEEN), ("unseen", UNSEEN)):
-                vals[f"icl/{name}/kW"] = average_skill(curve, fams, self.task["window"])
-            self.logger.log_metrics(vals, step=self.update_steps)
+    @property
+    def curve_families(self) -> list[str]:
+        return list(self.task["families"])
+
+    @property
+    def curve_ks(self) -> list[int]:
+        return self.ks
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.episodic_step(batch, batch_idx)
 
     def on_train_end(self) -> None:
-        self._evaluate_and_log()
-        curve = self.curves[-1]["curve"]
+        curve = self.evaluate_and_log()
         self.check = icl_check(curve, self.task["window"], *self.gate)
         if not self.trainer.is_global_zero:
             return
@@ -314,7 +361,8 @@ class FamilyInContextLearner(StreamLearner):
             write_json_atomic(os.path.join(log_dir, "metrics.json"),
                               {"icl_check": self.check, "icl_curve": curve, "task": self.task,
                                "curves": self.curves, "steps": self.update_steps})
-            self._log_figure(curve)
+            self.log_curve_figure("icl_curve", {"ICL": curve},
+                                  "Stage A: ICL skill vs demonstrations")
         if self.export:
             save_atomic(self.base_record(), self.export)
 
@@ -323,16 +371,6 @@ class FamilyInContextLearner(StreamLearner):
         return {"format": BASE_FORMAT, "arch": self.arch, "state_dict": state,
                 "sha256": state_hash(state), "task": self.task, "icl_check": self.check,
                 "steps": self.update_steps, "seed": self.seed}
-
-    def _log_figure(self, curve: dict[str, dict[int, dict[str, float]]]) -> None:
-        exp = getattr(self.logger, "experiment", None)
-        if exp is None or not hasattr(exp, "add_figure"):
-            return
-        from adaptlab.figures import demo_curve_figure, plt
-
-        fig = demo_curve_figure({"ICL": curve}, title="Stage A: ICL skill vs demonstrations")
-        exp.add_figure("icl_curve", fig, global_step=self.update_steps)
-        plt.close(fig)
 
     # -- checkpoint ---------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

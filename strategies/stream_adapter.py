@@ -31,14 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.detect import ShiftDetector
-from adaptlab.episodes import EpisodeDataModule, demo_curve
+from adaptlab.episodes import EpisodeDataModule
 from adaptlab.jsonio import write_json_atomic
-from adaptlab.learner import StreamLearner, warmup_cosine
+from adaptlab.learner import StreamLearner
 from adaptlab.models import KV, TinyGPT
 from adaptlab.streams.core import Purpose, rng
 from adaptlab.streams.icl import UNSEEN, FamilyVocab, value_dim
 
 from .icl_families import (
+    EpisodicTraining,
     distill_loss,
     family_loss,
     family_readout,
@@ -630,7 +631,7 @@ def adapted_outputs(
     return family_readout(core.base, h, vocab)
 
 
-class StreamAdapter(StreamLearner):
+class StreamAdapter(EpisodicTraining, StreamLearner):
     """StreamAdapter as a learner: Stage B meta-training and the test-time context stream.
 
     `mode: meta_train` (spec §5, Stage B): episodes of an `EpisodeDataModule` (seen families);
@@ -818,13 +819,11 @@ class StreamAdapter(StreamLearner):
         """`adapted_outputs` of this learner's adapter (one state per episode)."""
         return adapted_outputs(self.core, batch, self.vocab)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        if self.mode == "stream":
-            return super().training_step(batch, batch_idx)
-        opt = self.optimizers()
-        factor = warmup_cosine(self.update_steps, self.warmup_steps, self.trainer.max_steps)
-        for g in opt.optimizer.param_groups:
-            g["lr"] = self.lr * factor
+    curve_prefix = "adapter"
+
+    def episode_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Stage A's loss on the adapted answers (+ the optional distillation term); `C` drawn
+        from `chunk_sizes` per step when given."""
         if self.chunk_sizes:
             pick = int(rng(self.seed, Purpose.ICL_TASK, 2000, self.update_steps).integers(
                 len(self.chunk_sizes)))
@@ -839,66 +838,49 @@ class StreamAdapter(StreamLearner):
                 t_logits, t_reg = icl_outputs(self.core.base, batch, self.vocab)
             loss = loss + self.distill * distill_loss(logits, reg, t_logits, t_reg,
                                                       batch["family"])
-        self._check_finite(loss.detach()[None])
-        self.update(opt, loss, clip=self.clip)
+        return loss
+
+    def predict_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adapted_outputs(batch)
+
+    @property
+    def curve_families(self) -> list[str]:
+        return self.families
+
+    @property
+    def curve_ks(self) -> list[int]:
+        return self.eval_ks
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.mode == "stream":
+            return super().training_step(batch, batch_idx)
+        self.episodic_step(batch, batch_idx)
         self.core.reset_state(1)  # drop the graph-holding state
-        self.samples_seen += len(batch["family"])
-        if self.logger is not None and batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
-            self.logger.log_metrics({"train/loss": float(loss.detach()),
-                                     "train/k": float(batch["ctx_token"].shape[1])},
-                                    step=self.update_steps)
-        if self.eval_every and self.update_steps % self.eval_every == 0:
-            self._evaluate_and_log()
         return None
 
     def curve(self, families: Sequence[str] | None = None, episodes: int | None = None,
               ks: Sequence[int] | None = None) -> dict[str, dict[int, dict[str, float]]]:
-        """StreamAdapter's skill per family and k on the fixed evaluation episodes."""
-        was = self.training
-        self.eval()
         try:
-            return demo_curve(
-                self.adapted_outputs, families or self.families, ks or self.eval_ks,
-                episodes=episodes or self.eval_episodes, n_query=self.task["n_query"],
-                seed=self.eval_seed, size=self.task["size"], vocab=self.vocab,
-                device=self.device)
+            return super().curve(families, episodes, ks)
         finally:
             self.core.reset_state(1)
-            self.train(was)
-
-    def _evaluate_and_log(self) -> None:
-        if self.curves and self.curves[-1]["step"] == self.update_steps:
-            return
-        curve = self.curve()
-        self.curves.append({"step": self.update_steps, "curve": curve})
-        if self.logger is not None and self.trainer.is_global_zero:
-            vals = {f"adapter/{f}/k{k}": row["skill"] for f, by_k in curve.items()
-                    for k, row in by_k.items()}
-            self.logger.log_metrics(vals, step=self.update_steps)
 
     def on_train_end(self) -> None:
         if self.mode != "meta_train":
             return
-        self._evaluate_and_log()
+        curve = self.evaluate_and_log()
         if not self.trainer.is_global_zero:
             return
         log_dir = self.trainer.log_dir
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             write_json_atomic(os.path.join(log_dir, "metrics.json"), {
-                "adapter_curve": self.curves[-1]["curve"], "curves": self.curves,
+                "adapter_curve": curve, "curves": self.curves,
                 "families": self.families, "steps": self.update_steps,
                 "adapter_params": sum(p.numel() for p in self.core.adapter_parameters()),
                 "base_sha256": self.base_record["sha256"]})
-            exp = getattr(self.logger, "experiment", None)
-            if exp is not None and hasattr(exp, "add_figure"):
-                from adaptlab.figures import demo_curve_figure, plt
-
-                fig = demo_curve_figure({"StreamAdapter": self.curves[-1]["curve"]},
-                                        title="Stage B: adapter skill vs demonstrations",
-                                        window=self.task["window"])
-                exp.add_figure("adapter_curve", fig, global_step=self.update_steps)
-                plt.close(fig)
+            self.log_curve_figure("adapter_curve", {"StreamAdapter": curve},
+                                  "Stage B: adapter skill vs demonstrations")
         if self.export:
             save_atomic(self.adapter_record(), self.export)
 
