@@ -112,7 +112,7 @@ def test_quick_run_writes_report_and_consistent_numbers(tmp_path: Path, capsys) 
     assert all(b > a for a, b in zip(kv, kv[1:]))
     assert all(r["sa_committed_ms"] > 0 and r["absorb_ms_per_demo"] > 0 for r in rows)
     assert rows[0]["sa_committed_peak_bytes"] is None  # CPU
-    assert claims["C2"]["pass"] is True and claims["C3"]["pass"] is True
+    assert claims["C2"]["pass"] is True  # C1, C3, C4 compare wall-clock times: not asserted
 
 
 def test_missing_adapter_is_one_line_error(tmp_path: Path) -> None:
