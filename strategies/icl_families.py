@@ -155,19 +155,24 @@ def save_atomic(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_base(path: str) -> tuple[TinyGPT, dict[str, Any]]:
-    """The Stage A export: the TinyGPT (weights loaded) and its record (task, gate, hash)."""
+def read_export(path: str, option: str, fmt: str, missing: str, hint: str = "") -> dict[str, Any]:
+    """An export record (`torch.load`, weights only) whose `format` is `fmt`; every failure is
+    one line naming the config `option` (`missing`, `hint`: the no-file message)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"base: no Stage A export at {path!r}; run "
-            "`adaptlab fit --config configs/icl/pretrain_tinygpt.yaml` first"
-        )
+        raise FileNotFoundError(f"{option}: {missing} at {path!r}{hint}")
     try:
         rec = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"base: {path!r} is not readable ({type(err).__name__})") from None
-    if not isinstance(rec, dict) or rec.get("format") != BASE_FORMAT:
-        raise ValueError(f"base: {path!r} is not a TinyGPT export ({BASE_FORMAT})")
+        raise ValueError(f"{option}: {path!r} is not readable ({type(err).__name__})") from None
+    if not isinstance(rec, dict) or rec.get("format") != fmt:
+        raise ValueError(f"{option}: {path!r} is not a {fmt} export")
+    return rec
+
+
+def load_base(path: str) -> tuple[TinyGPT, dict[str, Any]]:
+    """The Stage A export: the TinyGPT (weights loaded) and its record (task, gate, hash)."""
+    rec = read_export(path, "base", BASE_FORMAT, "no Stage A export", "; run `adaptlab fit "
+                      "--config configs/icl/pretrain_tinygpt.yaml` first")
     model = TinyGPT(**rec["arch"])
     model.load_state_dict(rec["state_dict"])
     return model, rec

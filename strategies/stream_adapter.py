@@ -45,6 +45,7 @@ from .icl_families import (
     family_readout,
     icl_outputs,
     load_base,
+    read_export,
     save_atomic,
 )
 
@@ -595,14 +596,7 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
     The base is read from `base_path` (default: the path recorded at export); its content hash
     must equal the one the adapter was trained on.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"adapter: no Stage B export at {path!r}")
-    try:
-        rec = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"adapter: {path!r} is not readable ({type(err).__name__})") from None
-    if not isinstance(rec, dict) or rec.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"adapter: {path!r} is not a StreamAdapter export ({ADAPTER_FORMAT})")
+    rec = read_export(path, "adapter", ADAPTER_FORMAT, "no Stage B export")
     base, base_rec = load_base(base_path or rec["base_path"])
     if base_rec["sha256"] != rec["base_sha256"]:
         raise ValueError(

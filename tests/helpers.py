@@ -32,6 +32,17 @@ def fit(learner: pl.LightningModule, dm: StreamDataModule, log_dir: Path,
     return ev
 
 
+class Crash(pl.Callback):
+    """Test aid: raise once the run has made `at_step` optimizer steps (a crash mid-stream)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("simulated crash")
+
+
 class SlowAfter(pl.Callback):
     """Test aid: sleep after each Lightning step past `step`, so a test can kill the run
     at a known stage (after a mid-stream checkpoint, before the end)."""

@@ -16,17 +16,9 @@ from adaptlab.data import StreamDataModule
 from adaptlab.evaluation import StreamEvaluator
 from adaptlab.strategies import Finetune, Replay
 from adaptlab.streams import split
+from tests.helpers import Crash
 
 STREAM = {"max_samples_per_segment": 100, "test_samples_per_segment": 30, "repeats": 2}
-
-
-class Crash(pl.Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 def run(cls, log_dir, crash_at=None, ckpt_path=None, version=0):

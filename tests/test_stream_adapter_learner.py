@@ -34,6 +34,7 @@ from strategies.icl_families import (
     zero_shot_outputs,
 )
 from strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
+from tests.helpers import Crash
 
 torch.set_num_threads(1)
 TINY = {"n_layer": 2, "d_model": 16, "n_head": 2, "d_mlp": 32}
@@ -309,15 +310,6 @@ def run_stream(base_path, adapter_path, log_dir, crash_at=None, ckpt_path=None,
                     logger=TensorBoardLogger(log_dir, name="run", version=0))
     tr.fit(sa, datamodule=StreamDataModule(st, batches_per_step=1), ckpt_path=ckpt_path)
     return json.load(open(os.path.join(tr.log_dir, "metrics.json"))), sa
-
-
-class Crash(pl.Callback):
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.at_step:
-            raise RuntimeError("simulated crash")
 
 
 @pytest.mark.parametrize("reset_on", ["detected", "segment"])
