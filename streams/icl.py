@@ -7,7 +7,7 @@ Two generators share one module (specs `forgetting.md` §5 and `stream_adapter.m
   class appears `burst` times in the context, in *i.i.d.* ones every item is drawn
   independently. *Relabelled* sequences give a class a random other label for this sequence
   only, which is what makes a context-copying ("binding") solution necessary. Evaluation sets
-  separate in-context learning (ICL on never-trained holdout items; ICL with flipped labels)
+  separate in-context learning (ICL on never-trained holdout items; ICL with conflicting labels)
   from in-weights learning (IWL with no support in the context), on head and tail ranks.
 - **Task families** (`linreg`, `sparse_linreg`, `logreg`, `tokcls4/8`, `bool_conj/disj`) with
   one position per example: `token`, `label_token` and a real-valued `value` vector.
@@ -297,6 +297,26 @@ class BurstyTokenTask:
         """n rows of k distinct draws from `pool` (uniform)."""
         return pool[np.argsort(g.random((n, len(pool))), axis=1)[:, :k]]
 
+    def _fresh_label(self, g: np.random.Generator, used: np.ndarray) -> np.ndarray:
+        """Per row, a uniform label token outside that row of `used` (n, k)."""
+        lo = self.vocab.label_start
+        score = g.random((len(used), self.vocab.n_labels))
+        np.put_along_axis(score, used - lo, np.inf, axis=1)
+        return lo + score.argmin(1)
+
+    def _without(
+        self, g: np.random.Generator, labels: np.ndarray, banned: np.ndarray
+    ) -> np.ndarray:
+        """`labels` (n, k) with every entry equal to its row's `banned` label replaced by a
+        fresh one (possible only when labels are shared, n_labels < n_items)."""
+        labels = labels.copy()
+        for j in range(labels.shape[1]):
+            hit = labels[:, j] == banned
+            if hit.any():
+                used = np.concatenate([banned[:, None], labels], 1)[hit]
+                labels[hit, j] = self._fresh_label(g, used)
+        return labels
+
     def eval_sets(self, seed: int, n: int, maps: SegmentMaps,
                   key: int = 0) -> dict[str, EvalSet]:
         """The fixed evaluation sets of one segment (§5.3), from `seed` and segment `key`."""
@@ -323,7 +343,9 @@ class BurstyTokenTask:
         for b, (name, ranks) in enumerate(
             (("head", np.arange(self.n_band)), ("tail", np.arange(c - self.n_band, c))), start=1
         ):
-            # ICL with flipped labels on trained items: q shown with label(o), o with label(q)
+            # ICL with conflicting labels on trained items: q is shown with a label that appears
+            # nowhere else in the context, and label(q) appears nowhere at all, so "copy my
+            # memorised label when it is in the context" cannot pass for in-weights learning
             g = rng(seed, Purpose.ICL_EVAL, key, b, 0)
             qo = self._distinct(g, ranks, n, 2)
             s = self._zipf_except(g, (n, ns), qo[:, :1], qo[:, 1:])
@@ -334,10 +356,14 @@ class BurstyTokenTask:
                         self._zipf_except(g, (n, 1), qo[:, :1], qo[:, 1:], *[
                             s[:, i:i + 1] for i in range(j)]), s[:, j:j + 1])
             qi, oi, si = (maps.rank_to_item[a] for a in (qo[:, 0], qo[:, 1], s))
-            lq, lo_ = maps.label_of_item[qi], maps.label_of_item[oi]
-            items, labels = self._icl_layout(g, qi, oi, si, lo_, lq, maps.label_of_item[si])
+            lq = maps.label_of_item[qi]
+            shown = self._without(g, maps.label_of_item[np.concatenate([oi[:, None], si], 1)],
+                                  lq)
+            fresh = self._fresh_label(g, np.concatenate([lq[:, None], shown], 1))
+            items, labels = self._icl_layout(g, qi, oi, si, fresh, shown[:, 0], shown[:, 1:])
             out[f"icl_flip_{name}"] = EvalSet(
-                self._assemble(items, labels, qi), torch.from_numpy(lo_), alt=torch.from_numpy(lq)
+                self._assemble(items, labels, qi), torch.from_numpy(fresh),
+                alt=torch.from_numpy(lq),
             )
             # IWL without support: q from the band, context i.i.d. Zipf items != q
             g = rng(seed, Purpose.ICL_EVAL, key, b, 1)

@@ -126,6 +126,35 @@ def test_eval_layouts_and_flips():
     assert fl.score(logits, (v.label_start, v.eos)) == {"acc": 1.0, "alt": 0.0}
 
 
+def copy_memorised_if_present(x: torch.Tensor, label_of_item: np.ndarray, v) -> torch.Tensor:
+    """Oracle logits: answer label(q) when that label is anywhere in the context, else copy
+    the label shown with q. On training data this is perfect, so it is not in-weights
+    learning; a conflicting-label set must score it as ICL."""
+    items, labels, q = x[:, 0:16:2], x[:, 1:16:2], x[:, -1]
+    memorised = torch.from_numpy(label_of_item)[q]
+    present = (labels == memorised[:, None]).any(1)
+    shown_q = torch.where(items == q[:, None], labels, -1).max(1).values
+    pred = torch.where(present, memorised, shown_q)
+    logits = torch.zeros(len(x), v.size)
+    logits[torch.arange(len(x)), pred] = 1.0
+    return logits
+
+
+@pytest.mark.parametrize("n_labels", [None, 8])
+def test_conflicting_label_set_scores_copy_if_present_as_icl(n_labels):
+    b = small_stream(n_labels=n_labels)
+    sets, v, maps = eval_sets_of(b.build()), b.task.vocab, b.maps[0]
+    for band in ("head", "tail"):
+        fl = sets[f"icl_flip_{band}"]
+        score = fl.score(copy_memorised_if_present(fl.x, maps.label_of_item, v),
+                         (v.label_start, v.eos))
+        assert score == {"acc": 1.0, "alt": 0.0}
+        # the memorised label is nowhere in the context; q's shown label only on q's copies
+        items, labels, q = fl.x[:, 0:16:2], fl.x[:, 1:16:2], fl.x[:, -1]
+        assert not (labels == fl.alt[:, None]).any()
+        assert ((labels == fl.target[:, None]) == (items == q[:, None])).all()
+
+
 def test_segments_permute_labels_and_ranks():
     b = small_stream(segments=[{}, {"label_permutation_seed": 3, "rank_permutation_seed": 4}])
     m0, m1 = b.maps
