@@ -88,6 +88,7 @@ class StreamLearner(pl.LightningModule):
         self.batch_position = 0
         self.update_steps = 0
         self._update_hooks: list[UpdateHook] = []
+        self._observe_hooks: list[UpdateHook] = []
         self._fast_update = False
         self._local_batch = batch_size
 
@@ -216,6 +217,12 @@ class StreamLearner(pl.LightningModule):
         """Register `fn(step)`, called before every optimizer update inside `observe`."""
         self._update_hooks.append(fn)
 
+    def add_observe_hook(self, fn: UpdateHook) -> None:
+        """Register `fn(step)`, called before every `observe` (before its forward pass) with
+        the completed optimizer steps, so per-step interventions stay on time however many
+        mini-batches a Lightning step carries."""
+        self._observe_hooks.append(fn)
+
     def model_size_modules(self) -> list[nn.Module]:
         """What counts toward model size (default: the whole learner)."""
         return [self]
@@ -232,6 +239,8 @@ class StreamLearner(pl.LightningModule):
         state = self.__dict__
         for (xb, yb), n in zip(pairs, sizes):
             state["batch_position"] = state["samples_seen"]
+            for hook in self._observe_hooks:
+                hook(state["update_steps"])
             logits, loss = self.observe(xb, yb)
             state["samples_seen"] += n
             state["observe_steps"] += 1

@@ -310,10 +310,10 @@ def _log(trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
 class EmbeddingForgetting(pl.Callback):
     """Reset the token embeddings under a regime (`none` / `active` / `temporary`).
 
-    The reset due after step s is applied in the next `on_train_batch_start`, before the
-    forward pass; with several `observe` updates per Lightning step it waits for the next
-    chunk (one reset covers every step that fell due inside a chunk). Options are those of
-    `ForgettingCore`, plus:
+    The reset due after step s is applied before the next forward pass: through the
+    learner's observe hook (`StreamLearner.add_observe_hook`), so it lands exactly at s
+    whatever `batches_per_step` is; for other modules in `on_train_batch_start`. Options are
+    those of `ForgettingCore`, plus:
 
     Args:
         log_every: optimizer steps between `forgetting/emb_norm/*` logs (and at each reset).
@@ -350,6 +350,8 @@ class EmbeddingForgetting(pl.Callback):
         self._segment: int | None = None
         self._restart_detector = False
         self._groups: dict[str, list[int]] = {}
+        self._hooked_module: pl.LightningModule | None = None
+        self._last_norm_log = -1
 
     # public views for figures and tests
     @property
@@ -377,8 +379,12 @@ class EmbeddingForgetting(pl.Callback):
         if len(trainer.optimizers) > 1:
             raise ValueError("forgetting: one optimizer expected")
         self._groups = _vocab_groups(trainer)
+        if callable(getattr(pl_module, "add_observe_hook", None)):
+            if self._hooked_module is not pl_module:
+                pl_module.add_observe_hook(lambda step: self._before_step(trainer, step))
+                self._hooked_module = pl_module
         per_chunk = getattr(getattr(trainer, "datamodule", None), "batches_per_step", 1)
-        if self.core.regime != "none" and per_chunk > 1:
+        if self.core.regime != "none" and per_chunk > 1 and self._hooked_module is None:
             warnings.warn(f"forgetting: data.batches_per_step is {per_chunk}, so a reset waits "
                           "for the next chunk (up to that many steps late); set it to 1 for "
                           "resets exactly at k, 2k, …", stacklevel=2)
@@ -392,6 +398,11 @@ class EmbeddingForgetting(pl.Callback):
         step = _step(trainer, pl_module)
         if self.core.rearm_on == "segment":
             self._check_segment(trainer, step)
+        if self._hooked_module is not pl_module:  # else the observe hook applies it
+            self._before_step(trainer, step)
+
+    def _before_step(self, trainer: pl.Trainer, step: int) -> None:
+        """Apply the reset due at `step` (before the forward pass) and the episode lr."""
         due = self.core.pending(step)
         opt = trainer.optimizers[0] if trainer.optimizers else None
         if due is not None:
@@ -401,7 +412,7 @@ class EmbeddingForgetting(pl.Callback):
             _log(trainer, {"forgetting/reset": 1.0,
                            "forgetting/emb_norm_before_reset": norms["emb_norm_before"]}, step)
             self._log_norms(trainer, step)
-        elif self.log_every and step % self.log_every == 0:
+        elif self.log_every and step % self.log_every == 0 and step != self._last_norm_log:
             self._log_norms(trainer, step)
         if self.core.emb_lr_schedule == "episode" and opt is not None:
             group = _group_of(_raw_optimizer(opt), self.core.emb.weight)
@@ -447,6 +458,7 @@ class EmbeddingForgetting(pl.Callback):
 
     @torch.no_grad()
     def _log_norms(self, trainer: pl.Trainer, step: int) -> None:
+        self._last_norm_log = step
         w = self.core.emb.weight.detach().float()
         norms = w.norm(dim=1)
         vals = {"forgetting/emb_norm/all": float(norms.mean())}

@@ -86,6 +86,41 @@ def test_schedule_exact():
     assert none.reset_steps == []
 
 
+@pytest.mark.parametrize("regime", ["active", "temporary"])
+def test_resets_land_on_time_under_any_batches_per_step(regime: str):
+    """A reset due at step s is applied before the forward pass of update s + 1, whether a
+    Lightning step carries 1 or 50 mini-batches: same reset steps, same final weights."""
+    runs = {}
+    for bps in (1, 50):
+        cb = EmbeddingForgetting(regime=regime, every_k=7,
+                                 stop_after=60 if regime == "temporary" else None)
+        dm = StreamDataModule(tiny_stream(100), batches_per_step=bps)
+        st = dm.base_stream
+        learner = InContextLearner(input_shape=st.input_shape, n_classes=st.n_classes,
+                                   batch_size=st.batch_size, **SMALL)
+        applied: list[tuple[int, int]] = []
+        reset = cb.core.reset
+
+        def spy(step, optimizer=None, _reset=reset, _applied=applied, _learner=learner):
+            _applied.append((step, _learner.update_steps))
+            return _reset(step, optimizer)
+
+        cb.core.reset = spy
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False,
+                             callbacks=[cb])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(learner, datamodule=dm)
+        assert learner.update_steps == 100
+        runs[bps] = (applied, learner.model.state_dict())
+    expected = [s for s in range(7, 100, 7) if regime == "active" or s < 60]
+    for bps, (applied, _) in runs.items():
+        assert applied == [(s, s) for s in expected], bps
+    for name, w in runs[1][1].items():
+        torch.testing.assert_close(runs[50][1][name], w, msg=name)
+
+
 class AutoGPT(pl.LightningModule):
     """An automatic-optimisation module (no StreamLearner): steps come from global_step."""
 
