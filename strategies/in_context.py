@@ -6,14 +6,19 @@ would otherwise make never-trained holdout rows alike. The token table has its o
 group, `embedding` (no weight decay, its own lr scale), so forgetting regimes can clear its
 state or schedule its lr without touching the body. Every `eval_every` optimizer steps it
 scores every evaluation set of the stream (`streams.icl.eval_sets_of`) and logs each as its
-own TensorBoard curve: `icl/holdout`, `icl/flip_*` next to `iwl/flip_*`, `iwl/{head,tail}`.
+own TensorBoard curve: `icl/holdout`, `icl/flip_*` next to `iwl/flip_*`, `iwl/{head,tail}`;
+each also as `*_matched`, under the scale control (`matched_item_rows`), the primary ICL
+measure; and `emb_norm/{items,holdout,labels}`, the mean row norms that confound raw ICL.
+`label_softmax: false` is the reference's full-vocabulary softmax: every row then gets
+gradient through the tied head, held-out rows included.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,8 +53,10 @@ class InContextLearner(StreamLearner):
         pad_id: the padding row (default: the last id, as in `streams.icl`).
         eval_every: optimizer steps between evaluations (and at step 0); 0 disables them.
         eval_batch_size: sequences per evaluation forward.
-        eval_matched_holdout: also score `icl_holdout` with the holdout rows redrawn from the
-            trained rows' mean and std (`icl/holdout_matched`, spec §5.3).
+        eval_matched: also score every set under the scale control (`*_matched` curves,
+            `matched_item_rows`): held-out rows never get gradient under `label_softmax` and
+            keep their init scale while trained rows grow, so raw holdout ICL measures how
+            unlike trained rows they look as much as the in-context circuit.
         init_from: a checkpoint whose TinyGPT weights start this run (fine-tuning, e.g. with
             `ProbabilisticEmbeddingForgetting`); optimizer and counters start fresh.
         **kwargs: `StreamLearner` arguments (shapes, batch size, seed).
@@ -74,7 +81,7 @@ class InContextLearner(StreamLearner):
         pad_id: int | None = None,
         eval_every: int = 500,
         eval_batch_size: int = 1024,
-        eval_matched_holdout: bool = True,
+        eval_matched: bool = True,
         init_from: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -103,7 +110,7 @@ class InContextLearner(StreamLearner):
         self.label_softmax = label_softmax
         self.label_block: tuple[int, int] | None = tuple(label_block) if label_block else None
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
-        self.eval_matched_holdout = eval_matched_holdout
+        self.eval_matched = eval_matched
         self.eval_sets: dict[str, EvalSet] | None = None
         self.vocab_groups: dict[str, list[int]] = {}
         self.curves: list[dict[str, float]] = []
@@ -207,41 +214,39 @@ class InContextLearner(StreamLearner):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Scores of every evaluation set (no training state changes)."""
+        """Scores of every evaluation set, raw and under the scale control, and the mean row
+        norms of the embedding groups (no training state changes)."""
         if not self.eval_sets:
             return {}
         was = self.training
         self.eval()
+        out = self._score_sets("")
+        w = self.model.get_input_embeddings().weight
+        norms = w.detach().float().norm(dim=1)
+        for group in ("items", "holdout", "labels"):
+            lo_hi = self.vocab_groups.get(group)
+            if lo_hi:
+                out[f"emb_norm/{group}"] = float(norms[lo_hi[0]:lo_hi[1]].mean())
+        items, hold = self.vocab_groups.get("items"), self.vocab_groups.get("holdout")
+        if self.eval_matched and items and hold:
+            g = torch.Generator().manual_seed(self.seed + 7)
+            with matched_item_rows(w, items, hold, g):
+                out.update(self._score_sets("_matched"))
+        self.train(was)
+        return out
+
+    def _score_sets(self, suffix: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, es in self.eval_sets.items():
             logits = self._logits_of(es)
             if name.startswith("train_"):
-                out[f"loss/{name[6:]}"] = float(self.loss_fn(logits, es.target.to(self.device)))
-                out[f"eval/{name}_acc"] = es.score(logits, self.label_block)["acc"]
+                out[f"loss/{name[6:]}{suffix}"] = float(
+                    self.loss_fn(logits, es.target.to(self.device)))
+                out[f"eval/{name}_acc{suffix}"] = es.score(logits, self.label_block)["acc"]
                 continue
             for field, val in es.score(logits, self.label_block).items():
-                out[curve_name(name, field)] = val
-            if name.startswith("icl_holdout") and self.eval_matched_holdout:
-                out[curve_name(name.replace("holdout", "holdout_matched"), "acc")] = (
-                    self._matched_holdout_score(es))
-        self.train(was)
+                out[curve_name(name, field) + suffix] = val
         return out
-
-    def _matched_holdout_score(self, es: EvalSet) -> float:
-        """`icl_holdout` with holdout rows redrawn from N(mean, std) of the trained rows."""
-        items, hold = self.vocab_groups.get("items"), self.vocab_groups.get("holdout")
-        if not items or not hold:
-            return float("nan")
-        w = self.model.get_input_embeddings().weight
-        trained = w[items[0]:items[1]].float()
-        saved = w[hold[0]:hold[1]].clone()
-        g = torch.Generator().manual_seed(self.seed + 7)
-        draw = torch.randn(hold[1] - hold[0], w.shape[1], generator=g)
-        w[hold[0]:hold[1]] = (trained.mean(0).cpu() + trained.std().cpu() * draw).to(w)
-        try:
-            return es.score(self._logits_of(es), self.label_block)["acc"]
-        finally:
-            w[hold[0]:hold[1]] = saved
 
     def _evaluate_and_log(self) -> None:
         vals = self.evaluate()
@@ -298,8 +303,35 @@ class InContextLearner(StreamLearner):
         self.curves = list(state.get("curves", []))
 
 
-CURVES = ("icl/holdout", "icl/holdout_matched", "icl/flip_head", "iwl/flip_head", "iwl/head",
-          "iwl/tail")
+@contextmanager
+def matched_item_rows(weight: torch.Tensor, items: Sequence[int], holdout: Sequence[int],
+                      generator: torch.Generator) -> Iterator[None]:
+    """Temporarily put every item row on one scale: the scale control of `forgetting.md` §5.3.
+
+    Held-out rows are redrawn from N(mean, std) of the trained rows (the shared mean vector
+    and scalar std), then every item row, trained and held-out, is rescaled to the mean
+    trained row norm, direction kept. Row scale then carries no information about how often
+    (or whether) an item was trained; label rows are untouched. The rows are restored on exit.
+    """
+    (i0, i1), (h0, h1) = items, holdout
+    idx = torch.cat([torch.arange(i0, i1), torch.arange(h0, h1)]).to(weight.device)
+    saved = weight[idx].detach().clone()
+    trained = saved[: i1 - i0].float().cpu()
+    try:
+        with torch.no_grad():
+            draw = torch.randn(h1 - h0, weight.shape[1], generator=generator)
+            rows = torch.cat([trained, trained.mean(0) + trained.std() * draw])
+            target = trained.norm(dim=1).mean()
+            rows = rows * (target / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            weight[idx] = rows.to(weight)
+        yield
+    finally:
+        with torch.no_grad():
+            weight[idx] = saved
+
+
+CURVES = ("icl/holdout_matched", "icl/flip_head_matched", "iwl/flip_head_matched",
+          "iwl/head_matched", "iwl/tail_matched", "icl/holdout")
 
 
 def icl_iwl_figure(curves: list[dict[str, float]], marks: Any = None, title: str = "") -> Any:

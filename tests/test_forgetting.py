@@ -21,6 +21,7 @@ from adaptlab.strategies import (
     ProbabilisticEmbeddingForgetting,
 )
 from adaptlab.strategies.forgetting import ForgettingCore
+from adaptlab.strategies.in_context import matched_item_rows
 from adaptlab.streams.icl import BurstyTokenStream
 
 SMALL = dict(n_layer=2, d_model=16, n_head=2, d_mlp=32, eval_every=0, warmup_steps=0)
@@ -376,6 +377,36 @@ def test_configs_run_from_the_cli(tmp_path: Path, regime: str):
     assert [c["step"] for c in curves] == [0, 6, 12]
     assert {"icl/holdout", "icl/flip_head", "iwl/flip_head", "iwl/head", "iwl/tail"} <= set(
         curves[-1])
+    assert {"icl/holdout_matched", "iwl/head_matched", "emb_norm/items",
+            "emb_norm/holdout"} <= set(curves[-1])
+
+
+def test_matched_item_rows_put_items_on_one_scale_and_restore():
+    torch.manual_seed(0)
+    w = torch.randn(20, 8)
+    w[:10] *= torch.linspace(0.5, 3.0, 10)[:, None]  # trained rows: frequency-dependent scale
+    w[10:14] *= 0.1  # held-out rows: still at a small init scale
+    before = w.clone()
+    with matched_item_rows(w, (0, 10), (10, 14), torch.Generator().manual_seed(0)):
+        norms = w[:14].norm(dim=1)
+        torch.testing.assert_close(norms, torch.full((14,), float(before[:10].norm(dim=1).mean())))
+        assert torch.equal(w[14:], before[14:])  # label rows untouched
+        cos = torch.nn.functional.cosine_similarity(w[:10], before[:10])
+        torch.testing.assert_close(cos, torch.ones(10))  # trained directions kept
+        assert not torch.allclose(w[10:14], before[10:14])
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("label_softmax", [True, False])
+def test_full_vocabulary_softmax_trains_holdout_rows(label_softmax: bool):
+    learner, trainer = run([], steps=5, label_softmax=label_softmax)
+    st = tiny_stream(5).build()
+    lo, hi = st.params["vocab"]["holdout"]
+    fresh = InContextLearner(input_shape=st.input_shape, n_classes=st.n_classes, batch_size=8,
+                             label_softmax=label_softmax, **SMALL)
+    w0 = fresh.model.get_input_embeddings().weight[lo:hi]
+    w1 = learner.model.get_input_embeddings().weight[lo:hi]
+    assert torch.equal(w0, w1) == label_softmax  # no gradient only under the label softmax
 
 
 def test_init_from_starts_a_fine_tune_from_trained_weights(tmp_path: Path):

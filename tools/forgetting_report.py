@@ -1,22 +1,26 @@
-"""Run the forgetting regimes and report the dual-process pattern (spec `forgetting.md` §8).
+"""Run the forgetting regimes and report the dual-process claims (spec `forgetting.md` §8).
 
-    python tools/forgetting_report.py                      # vanilla, active, temporary; seed 0
-    python tools/forgetting_report.py --seeds 0 1 2 --jobs 2 --sweep-n 4000
-    python tools/forgetting_report.py --from-logs lightning_logs/forgetting_report/logs  # re-report
+    python tools/forgetting_report.py --seeds 0 1 2                 # bursty CPU configs
+    python tools/forgetting_report.py --suite bursty_paper --seeds 0 1 2
+    python tools/forgetting_report.py --suite pos_paper --seeds 0 1 2
+    python tools/forgetting_report.py --from-logs lightning_logs/forgetting_report/bursty/logs
 
-Each run is `adaptlab fit --config configs/forgetting/bursty_<regime>.yaml` with the seed
-overridden everywhere (`seed_everything`, learner, stream, callback); the learner writes its
-evaluation curves to `icl_curves.json` in the run's log dir. The report writes
-`acceptance.json`, `report.md` (one row per run with its wall time, then the checks) and
-`curves.png` (the ICL/IWL curves of each regime, seeds averaged). "End" is the mean of the
-last 3 evaluations; "peak" the maximum of a rolling mean of 3 (a single noisy evaluation
-would inflate it).
+Each run is `adaptlab fit --config configs/forgetting/<suite-config>` with the seed overridden
+everywhere (`seed_everything`, learner, stream, callback); the learner writes its evaluation
+curves to `icl_curves.json` in the run's log dir, and this tool writes `run_meta.json` next
+to it (regime, seed, N, k, config, wall time). The report writes `acceptance.json`,
+`report.md` and `curves.png` (seeds averaged).
+
+Every evaluation set is reported raw and under the scale control (`*_matched`, see
+`strategies.in_context.matched_item_rows`); the controlled value is the primary one and
+the one the claims are checked on. "End" is the mean of the last 3 evaluations; "peak" the
+maximum of a rolling mean of 3 (a single noisy evaluation would inflate it). The thresholds
+are those of the spec, fixed before these runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -27,38 +31,54 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "forgetting"
-TAGS = ("icl/holdout", "icl/holdout_matched", "icl/flip_head", "iwl/flip_head", "iwl/head",
-        "iwl/tail")
-COLUMNS = {  # report column -> (tag, statistic)
-    "icl_holdout peak": ("icl/holdout", "peak"),
-    "icl_holdout end": ("icl/holdout", "end"),
-    "icl_holdout_matched end": ("icl/holdout_matched", "end"),
-    "icl_flip_head end": ("icl/flip_head", "end"),
-    "iwl_head end": ("iwl/head", "end"),
-    "iwl_tail end": ("iwl/tail", "end"),
+REGIMES = ("vanilla", "active", "temporary")
+SUITES = {  # suite -> config file name of a regime
+    "bursty": "bursty_{regime}.yaml",
+    "bursty_paper": "bursty_{regime}_paper.yaml",
+    "bursty_gpu": "bursty_{regime}_gpu.yaml",
+    "pos_paper": "pos_{regime}_paper.yaml",
+    "pos_gpu": "pos_{regime}_gpu.yaml",
+}
+SKIP = ("loss/", "eval/", "emb_norm/")
+# The claims, per task: (ICL on unseen items, IWL on head items, IWL-vs-ICL on conflicts).
+ROLES = {
+    "bursty": {"icl": "icl/holdout", "iwl_head": "iwl/head", "iwl_tail": "iwl/tail"},
+    "pos": {"icl": "pos/holdout", "iwl_head": "iwl/switch", "iwl_tail": "iwl/tail_switch"},
 }
 
 
 def run_name(regime: str, seed: int, n: int | None = None) -> str:
-    return {"vanilla": f"none-s{seed}", "active": f"active-k1000-s{seed}"}.get(
-        regime, f"temporary-k1000-N{n or 12000}-s{seed}")
+    return f"{regime}-N{n}-s{seed}" if n is not None else f"{regime}-s{seed}"
 
 
-def launch(regime: str, seed: int, n: int | None, logs: Path, extra: list[str]) -> dict[str, Any]:
-    """One `adaptlab fit` subprocess; returns its name, wall time and exit code."""
+def callback_args(config: Path) -> dict[str, Any]:
+    """The forgetting callback's init args in a config (empty for vanilla)."""
+    cfg = yaml.safe_load(config.read_text())
+    cbs = (cfg.get("trainer") or {}).get("callbacks") or []
+    for cb in cbs if isinstance(cbs, list) else [cbs]:
+        if "Forgetting" in str(cb.get("class_path", "")):
+            return dict(cb.get("init_args") or {})
+    return {}
+
+
+def launch(suite: str, regime: str, seed: int, n: int | None, logs: Path,
+           extra: list[str]) -> dict[str, Any]:
+    """One `adaptlab fit` subprocess; returns its meta data (also written to the log dir)."""
     name = run_name(regime, seed, n)
-    cmd = [sys.executable, "-m", "adaptlab.cli", "fit",
-           "--config", str(CONFIGS / f"bursty_{regime}.yaml"),
+    config = CONFIGS / SUITES[suite].format(regime=regime)
+    cb = callback_args(config)
+    cmd = [sys.executable, "-m", "adaptlab.cli", "fit", "--config", str(config),
            "--seed_everything", str(seed), "--model.init_args.seed", str(seed),
            "--data.stream.init_args.seed", str(seed),
            "--trainer.logger.init_args.save_dir", str(logs.parent),
            "--trainer.logger.init_args.name", logs.name,
            "--trainer.logger.init_args.version", name,
            "--progress_bar.refresh_rate", "0"]
-    if regime != "vanilla":
+    if cb:
         cmd += ["--trainer.callbacks.init_args.seed", str(seed)]
     if n is not None:
         cmd += ["--trainer.callbacks.init_args.stop_after", str(n)]
@@ -67,8 +87,12 @@ def launch(regime: str, seed: int, n: int | None, logs: Path, extra: list[str]) 
     with open(logs / f"{name}.log", "w") as out:
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return {"name": name, "regime": regime, "seed": seed, "N": n, "seconds": time.time() - t0,
-            "rc": rc}
+    meta = {"name": name, "suite": suite, "regime": regime, "seed": seed,
+            "N": n if n is not None else cb.get("stop_after"), "k": cb.get("every_k"),
+            "config": str(config.relative_to(ROOT)), "seconds": time.time() - t0, "rc": rc}
+    if (logs / name).is_dir():
+        (logs / name / "run_meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
 
 
 def stats(curves: list[dict[str, float]], tag: str) -> dict[str, float]:
@@ -81,6 +105,13 @@ def stats(curves: list[dict[str, float]], tag: str) -> dict[str, float]:
             "peak_step": int(curves[min(i + 1, len(curves) - 1)]["step"])}
 
 
+def score_tags(curves: list[dict[str, float]]) -> list[str]:
+    """The raw score curves of a run (each has a `_matched` twin when the control ran)."""
+    keys = curves[-1].keys() if curves else []
+    return sorted(k for k in keys if k != "step" and not k.endswith("_matched")
+                  and not k.startswith(SKIP))
+
+
 def collect(logs: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
@@ -89,84 +120,94 @@ def collect(logs: Path, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({**r, "missing": True})
             continue
         curves = json.loads(path.read_text())["curves"]
+        tags = [t for base in score_tags(curves) for t in (base, base + "_matched")]
+        tags += [k for k in curves[-1] if k.startswith("emb_norm/")]
         out.append({**r, "curves": curves, "steps": curves[-1]["step"],
-                    "stats": {t: stats(curves, t) for t in TAGS}})
+                    "stats": {t: stats(curves, t) for t in tags}})
     return out
 
 
 def discover(logs: Path) -> list[dict[str, Any]]:
-    """Runs already in a log folder, named as `run_name` writes them."""
-    runs = []
-    for d in sorted(p for p in logs.iterdir() if (p / "icl_curves.json").exists()):
-        name = d.name
-        regime = ("vanilla" if name.startswith("none") else
-                  "active" if name.startswith("active") else "temporary")
-        n = int(name.split("-N")[1].split("-")[0]) if "-N" in name else None
-        seed = int(name.rsplit("-s", 1)[1])
-        run_json = d / "run.json"
-        seconds = float("nan")
-        if run_json.exists():
-            info = json.loads(run_json.read_text())
-            if info.get("started_at") and info.get("finished_at"):
-                seconds = (dt.datetime.fromisoformat(info["finished_at"])
-                           - dt.datetime.fromisoformat(info["started_at"])).total_seconds()
-        runs.append({"name": name, "regime": regime, "seed": seed, "N": n, "seconds": seconds,
-                     "rc": 0})
-    return runs
+    """Runs already in a log folder, from their `run_meta.json`."""
+    return [json.loads((d / "run_meta.json").read_text()) for d in sorted(logs.iterdir())
+            if (d / "run_meta.json").exists() and (d / "icl_curves.json").exists()]
 
 
 def group_key(r: dict[str, Any]) -> str:
-    """Runs of one setting: the regime, N, and any extra name tag (e.g. `-24k-`)."""
-    tag = r["name"].rsplit("-s", 1)[0].split("-")[3:] if r["regime"] == "temporary" else []
-    base = r["regime"] if r["regime"] != "temporary" else f"temporary N={r['N'] or 12000}"
-    return base + (f" ({' '.join(tag)})" if tag else "")
+    """Runs of one setting: the regime, and N for temporary runs."""
+    return f"temporary N={r['N']}" if r["regime"] == "temporary" else r["regime"]
 
 
 def mean_of(results: list[dict[str, Any]], key: str, tag: str, stat: str) -> float:
-    vals = [r["stats"][tag][stat] for r in results if group_key(r) == key and "stats" in r]
+    vals = [r["stats"][tag][stat] for r in results
+            if group_key(r) == key and tag in r.get("stats", {})]
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def checks(results: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
-    """The relative checks of spec §8 (to be frozen once calibrated)."""
-    m = lambda key, tag: mean_of(results, key, tag, "end")  # noqa: E731
-    van, act, tmp = "vanilla", "active", "temporary N=12000"
-    out = []
+def checks(results: list[dict[str, Any]], task: str) -> list[tuple[str, bool | None, str]]:
+    """The dual-process claims on the controlled (`_matched`) values (spec §8 thresholds)."""
+    roles = {k: v + "_matched" for k, v in ROLES[task].items()}
+    m = lambda key, tag, stat="end": mean_of(results, key, tag, stat)  # noqa: E731
+    temp = sorted({group_key(r) for r in results if r["regime"] == "temporary"})
+    out: list[tuple[str, bool | None, str]] = []
 
     def add(label: str, value: float, ok: bool) -> None:
         out.append((label, None if np.isnan(value) else bool(ok), f"{value:.3f}"))
 
-    add("vanilla iwl_head >= 0.9", m(van, "iwl/head"), m(van, "iwl/head") >= 0.9)
-    add("vanilla icl_flip_head >= 0.8", m(van, "icl/flip_head"), m(van, "icl/flip_head") >= 0.8)
-    add("vanilla iwl_tail >= 0.8", m(van, "iwl/tail"), m(van, "iwl/tail") >= 0.8)
-    d = m(act, "icl/holdout") - m(van, "icl/holdout")
-    add("active icl_holdout >= vanilla + 0.12", d, d >= 0.12)
-    add("active iwl_tail <= 0.3", m(act, "iwl/tail"), m(act, "iwl/tail") <= 0.3)
-    add("temporary iwl_head >= 0.9", m(tmp, "iwl/head"), m(tmp, "iwl/head") >= 0.9)
-    d = m(tmp, "icl/holdout") - m(van, "icl/holdout")
-    add("temporary icl_holdout >= vanilla + 0.05", d, d >= 0.05)
-    add("temporary icl_holdout >= 0.75 (absolute)", m(tmp, "icl/holdout"),
-        m(tmp, "icl/holdout") >= 0.75)
-    low = [k for k in {group_key(r) for r in results}
-           if k.startswith("temporary N=") and k != tmp and "(" not in k]
-    for k in sorted(low):
-        d = m(tmp, "icl/holdout") - m(k, "icl/holdout")
-        add(f"icl_holdout(N=12000) >= icl_holdout({k[10:]}) + 0.1", d, d >= 0.1)
+    icl, head, tail = roles["icl"], roles["iwl_head"], roles["iwl_tail"]
+    d = m("vanilla", icl, "peak") - m("vanilla", icl)
+    add(f"vanilla ICL transient: {icl} peak - end >= 0.1", d, d >= 0.1)
+    add(f"vanilla IWL on head: {head} >= 0.9", m("vanilla", head), m("vanilla", head) >= 0.9)
+    add(f"active removes head IWL: {head} <= 0.3", m("active", head), m("active", head) <= 0.3)
+    add(f"active removes tail IWL: {tail} <= 0.3", m("active", tail), m("active", tail) <= 0.3)
+    d = m("active", icl) - m("vanilla", icl)
+    add(f"active {icl} >= vanilla + 0.12", d, d >= 0.12)
+    for key in temp:
+        add(f"{key} keeps head IWL: {head} >= 0.9", m(key, head), m(key, head) >= 0.9)
+        d = m(key, icl) - m("vanilla", icl)
+        add(f"{key} keeps ICL: {icl} >= vanilla + 0.05", d, d >= 0.05)
     return out
 
 
-def write_markdown(results: list[dict[str, Any]], out: Path) -> str:
-    lines = ["| run | seed | steps | time (s) | " + " | ".join(COLUMNS) + " |",
-             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+def _fmt(mu: float, sd: float, n: int) -> str:
+    return "–" if np.isnan(mu) else (f"{mu:.2f} ± {sd:.2f}" if n > 1 else f"{mu:.2f}")
+
+
+def summary_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per (setting, evaluation set): raw and controlled, peak and end, mean ± sd."""
+    lines = ["| setting | set | seeds | controlled peak | controlled end | raw peak | raw end |",
+             "|---|---|---|---|---|---|---|"]
+    keys = sorted({group_key(r) for r in results if "stats" in r},
+                  key=lambda k: (REGIMES.index(k.split()[0]), k))
+    for key in keys:
+        runs = [r for r in results if group_key(r) == key and "stats" in r]
+        for tag in score_tags(runs[0]["curves"]):
+            cells = []
+            for t, stat in ((tag + "_matched", "peak"), (tag + "_matched", "end"),
+                            (tag, "peak"), (tag, "end")):
+                v = np.array([r["stats"].get(t, {}).get(stat, np.nan) for r in runs])
+                cells.append(_fmt(float(np.mean(v)), float(np.std(v)), len(v)))
+            lines.append(f"| {key} | `{tag}` | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_markdown(results: list[dict[str, Any]], out: Path, task: str) -> str:
+    lines = ["| run | config | steps | time (s) | rc |", "|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (group_key(r), r["seed"])):
-        if "stats" not in r:
-            lines.append(f"| {r['name']} | {r['seed']} | (no curves, rc {r['rc']}) |")
-            continue
-        cells = [f"{r['stats'][t][s]:.2f}" for t, s in COLUMNS.values()]
-        lines.append(f"| {r['name']} | {r['seed']} | {r['steps']} | {r['seconds']:.0f} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "| check (means over seeds, end values) | value | pass |", "|---|---|---|"]
-    for label, ok, val in checks(results):
+        steps = r.get("steps", "no curves")
+        lines.append(f"| {r['name']} | `{r.get('config', '')}` | {steps} | "
+                     f"{r['seconds']:.0f} | {r['rc']} |")
+    lines += [""] + summary_table(results)
+    norms = sorted({t for r in results for t in r.get("stats", {}) if t.startswith("emb_norm")})
+    if norms:
+        lines += ["", "| setting | " + " | ".join(f"{t} end" for t in norms) + " |",
+                  "|---|" + "---|" * len(norms)]
+        for key in sorted({group_key(r) for r in results if "stats" in r}):
+            lines.append(f"| {key} | " + " | ".join(
+                f"{mean_of(results, key, t, 'end'):.2f}" for t in norms) + " |")
+    lines += ["", "| claim (controlled, means over seeds, end values) | value | holds |",
+              "|---|---|---|"]
+    for label, ok, val in checks(results, task):
         lines.append(f"| {label} | {val} | {'n/a' if ok is None else ('yes' if ok else 'NO')} |")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -178,47 +219,57 @@ def write_plot(results: list[dict[str, Any]], out: Path) -> None:
     from adaptlab.figures import plt
 
     keys = sorted({group_key(r) for r in results if "curves" in r},
-                  key=lambda k: ("vanilla", "active").index(k) if k in ("vanilla", "active")
-                  else 2 + int(k.split("=")[1].split()[0]) / 1e6 + ("(" in k))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), sharey=True,
-                             squeeze=False)
-    for ax, key in zip(axes[0], keys):
+                  key=lambda k: (REGIMES.index(k.split()[0]), k))
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.4), squeeze=False)
+    for j, key in enumerate(keys):
         runs = [r for r in results if group_key(r) == key and "curves" in r]
         steps = [c["step"] for c in min((r["curves"] for r in runs), key=len)]
-        for tag in ("icl/holdout", "icl/holdout_matched", "icl/flip_head", "iwl/head",
-                    "iwl/tail"):
-            vals = np.array([[c.get(tag, np.nan) for c in r["curves"][:len(steps)]]
-                             for r in runs])
-            ax.plot(steps, np.nanmean(vals, 0), label=tag, lw=1.2)
-        n = runs[0]["N"] or (12000 if key.startswith("temporary") else None)
-        if key != "vanilla":
-            last = n if n else steps[-1] + 1
-            for s in range(1000, last, 1000):
-                ax.axvline(s, color="grey", lw=0.4, alpha=0.6)
-            if n:
-                ax.axvspan(0, n, color="grey", alpha=0.08)
-        ax.set_title(f"{key} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", fontsize=9)
-        ax.set_xlabel("optimizer step")
+
+        def curve(tag: str, runs: list[dict[str, Any]] = runs, n: int = len(steps)) -> Any:
+            return np.nanmean([[c.get(tag, np.nan) for c in r["curves"][:n]] for r in runs], 0)
+
+        ax = axes[0][j]
+        for i, tag in enumerate(score_tags(runs[0]["curves"])):
+            color = f"C{i}"
+            ax.plot(steps, curve(tag + "_matched"), color=color, lw=1.3, label=tag)
+            ax.plot(steps, curve(tag), color=color, lw=0.8, ls=":")
         ax.set_ylim(0, 1.02)
+        ax.set_title(f"{key} ({len(runs)} seed{'s' if len(runs) > 1 else ''}); "
+                     "solid controlled, dotted raw", fontsize=8)
+        ax2 = axes[1][j]
+        for tag in sorted(t for t in runs[0]["curves"][-1] if t.startswith("emb_norm/")):
+            ax2.plot(steps, curve(tag), label=tag)
+        ax2.set_xlabel("optimizer step")
+        ax2.set_ylabel("mean row norm")
+        k, n = runs[0].get("k"), runs[0].get("N")
+        if key != "vanilla" and k:
+            for a in (ax, ax2):
+                for s in range(k, (n or steps[-1] + 1), k):
+                    a.axvline(s, color="grey", lw=0.4, alpha=0.5)
+                if n:
+                    a.axvspan(0, n, color="grey", alpha=0.08)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    axes[1][-1].legend(fontsize=6, loc="upper left")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    fig.savefig(out / "curves.png", dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--regimes", nargs="+", default=["vanilla", "active", "temporary"])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="bursty")
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--sweep-n", nargs="*", type=int, default=[],
                     help="extra temporary runs with these N (stop_after)")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
-    ap.add_argument("--out", type=Path, default=ROOT / "lightning_logs" / "forgetting_report")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default lightning_logs/forgetting_report/<suite>")
     ap.add_argument("--from-logs", type=Path, default=None,
                     help="report the runs already in this folder instead of running")
     ap.add_argument("extra", nargs="*", help="more CLI overrides, after `--`")
     args = ap.parse_args(argv)
-    out = args.out
+    out = args.out or ROOT / "lightning_logs" / "forgetting_report" / args.suite
     out.mkdir(parents=True, exist_ok=True)
     if args.from_logs is not None:
         logs = args.from_logs
@@ -226,17 +277,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        todo = [(r, s, None) for s in args.seeds for r in args.regimes]
-        todo += [("temporary", s, n) for s in args.seeds for n in args.sweep_n]
+        todo = [(args.suite, r, s, None) for s in args.seeds for r in args.regimes]
+        todo += [(args.suite, "temporary", s, n) for s in args.seeds for n in args.sweep_n]
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             runs = list(pool.map(lambda t: launch(*t, logs, args.extra), todo))
         for r in runs:
             print(f"{r['name']}: {r['seconds']:.0f} s, exit {r['rc']}", flush=True)
+    task = "pos" if (runs and runs[0].get("suite", "").startswith("pos")) else "bursty"
     results = collect(logs, runs)
-    acceptance = {"runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
-                  "checks": [{"check": c, "pass": ok, "value": v} for c, ok, v in checks(results)]}
+    acceptance = {
+        "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results],
+        "claims": [{"claim": c, "holds": ok, "value": v} for c, ok, v in checks(results, task)],
+    }
     (out / "acceptance.json").write_text(json.dumps(acceptance, indent=1, default=str))
-    print(write_markdown(results, out))
+    print(write_markdown(results, out, task))
     write_plot(results, out)
     print(f"wrote {out / 'report.md'}, {out / 'acceptance.json'}, {out / 'curves.png'}")
 
