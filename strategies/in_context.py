@@ -48,6 +48,9 @@ class InContextLearner(StreamLearner):
         lr, betas, weight_decay: AdamW; weight decay on matrices only (never on embeddings).
         emb_lr_scale: lr multiplier of the `embedding` group.
         warmup_steps: linear lr warm-up at the start of training.
+        lr_schedule: `constant` after the warm-up, or `linear` decay to 0 at `decay_steps`
+            (the reference's schedule, default the trainer's `max_steps`).
+        decay_steps: the step where `linear` reaches 0.
         label_softmax: restrict the loss (and predictions) to the label tokens.
         label_block: `[lo, hi)` of the label tokens; default read from the stream's vocabulary.
         pad_id: the padding row (default: the last id, as in `streams.icl`).
@@ -76,6 +79,8 @@ class InContextLearner(StreamLearner):
         weight_decay: float = 0.01,
         emb_lr_scale: float = 1.0,
         warmup_steps: int = 200,
+        lr_schedule: str = "constant",
+        decay_steps: int | None = None,
         label_softmax: bool = True,
         label_block: Sequence[int] | None = None,
         pad_id: int | None = None,
@@ -107,6 +112,9 @@ class InContextLearner(StreamLearner):
             self._load_weights(init_from)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.emb_lr_scale, self.warmup_steps = emb_lr_scale, warmup_steps
+        if lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule: {lr_schedule!r} is not 'constant' or 'linear'")
+        self.lr_schedule, self.decay_steps = lr_schedule, decay_steps
         self.label_softmax = label_softmax
         self.label_block: tuple[int, int] | None = tuple(label_block) if label_block else None
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
@@ -164,11 +172,24 @@ class InContextLearner(StreamLearner):
             g["lr"], g["managed_lr"] = g["base_lr"], True
         return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
 
+    def lr_factor(self, step: int) -> float:
+        """Warm-up, then constant or linear decay to 0 at `decay_steps` (or `max_steps`)."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        total = self.decay_steps
+        if total is None and self._trainer is not None and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps
+        if not total or total <= self.warmup_steps:
+            return 1.0
+        return max(0.0, (total - step) / (total - self.warmup_steps))
+
     def _set_lrs(self, optimizer: Any) -> None:
-        """lr = base_lr x warm-up x `lr_factor` (a forgetting regime's episode schedule)."""
-        warm = min(1.0, (self.update_steps + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        """lr = base_lr x schedule x `lr_factor` (a forgetting regime's episode schedule)."""
+        factor = self.lr_factor(self.update_steps)
         for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * warm * g.get("lr_factor", 1.0)
+            g["lr"] = g["base_lr"] * factor * g.get("lr_factor", 1.0)
 
     # -- the contract -------------------------------------------------------------------------
     def query_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -350,7 +350,8 @@ def test_errors_are_readable():
 # -- the committed configs run from the CLI ---------------------------------------------------
 
 
-@pytest.mark.parametrize("regime", ["vanilla", "active", "temporary"])
+@pytest.mark.parametrize("regime", ["vanilla", "active", "temporary", "vanilla_paper",
+                                    "active_paper", "temporary_paper"])
 def test_configs_run_from_the_cli(tmp_path: Path, regime: str):
     import json
 
@@ -365,14 +366,14 @@ def test_configs_run_from_the_cli(tmp_path: Path, regime: str):
             "--data.stream.init_args.n_eval", "32", "--data.stream.init_args.n_test", "32",
             "--model.init_args.n_layer", "1", "--model.init_args.d_model", "16",
             "--model.init_args.d_mlp", "32", "--model.init_args.eval_every", "6"]
-    if regime != "vanilla":
+    if not regime.startswith("vanilla"):
         args += ["--trainer.callbacks.init_args.every_k", "4"]
-    if regime == "temporary":
+    if regime.startswith("temporary"):
         args += ["--trainer.callbacks.init_args.stop_after", "9"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main(args)
-    run_dir = next(tmp_path.glob("forgetting/*"))
+    run_dir = next(tmp_path.glob("forgetting*/*"))
     curves = json.loads((run_dir / "icl_curves.json").read_text())["curves"]
     assert [c["step"] for c in curves] == [0, 6, 12]
     assert {"icl/holdout", "icl/flip_head", "iwl/flip_head", "iwl/head", "iwl/tail"} <= set(
@@ -407,6 +408,19 @@ def test_full_vocabulary_softmax_trains_holdout_rows(label_softmax: bool):
     w0 = fresh.model.get_input_embeddings().weight[lo:hi]
     w1 = learner.model.get_input_embeddings().weight[lo:hi]
     assert torch.equal(w0, w1) == label_softmax  # no gradient only under the label softmax
+
+
+def test_linear_lr_schedule_warms_up_then_decays_to_zero():
+    st = tiny_stream(3).build()
+    kw = dict(input_shape=st.input_shape, n_classes=st.n_classes, batch_size=8,
+              **{**SMALL, "warmup_steps": 10})
+    lin = InContextLearner(lr_schedule="linear", decay_steps=110, **kw)
+    const = InContextLearner(**kw)
+    assert [lin.lr_factor(s) for s in (0, 9, 10, 60, 110, 200)] == pytest.approx(
+        [0.1, 1.0, 1.0, 0.5, 0.0, 0.0])
+    assert [const.lr_factor(s) for s in (0, 9, 60, 200)] == pytest.approx([0.1, 1, 1, 1])
+    with pytest.raises(ValueError, match="lr_schedule"):
+        InContextLearner(lr_schedule="cosine", **kw)
 
 
 def test_init_from_starts_a_fine_tune_from_trained_weights(tmp_path: Path):
