@@ -6,6 +6,8 @@
 - `evaluator:` configures the `StreamEvaluator`, always present during `fit`.
 - The learner's `input_shape`, `n_classes` and `batch_size` are linked from the built stream.
 - `threads:` sets `torch.set_num_threads` (tiny models run fastest single-threaded).
+- Modules in the current folder are importable, as with `python -m`: a config can name your
+  own stream class (`class_path: my_streams.MyStream`) or loader (`source: my_data:load`).
 Bad input ends with one line on stderr and exit code 1 (`ADAPTLAB_DEBUG=1` shows the trace).
 """
 
@@ -186,6 +188,8 @@ def user_message(err: BaseException) -> str:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point; exits non-zero with a one-line message on bad input."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # after installed packages: a local file cannot shadow them
     try:
         AdaptLabCLI(
             StreamLearner, pl.LightningDataModule, subclass_mode_model=True,

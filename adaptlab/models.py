@@ -1,8 +1,10 @@
-"""Backbones selectable by name from configs: `mlp`, `lenet`, `resnet18`.
+"""Backbones selectable by name from configs: `mlp`, `conv1d`, `lenet`, `resnet18`.
 
-Every factory takes the stream's `input_shape` (C, H, W) and `n_classes`; defaults are visible
-in the signatures. `build_model` checks with one dummy forward that the input fits, so a shape
-mismatch is one clear error at start-up rather than a stack trace mid-run.
+Every factory takes the stream's `input_shape` and `n_classes`: `mlp` takes any shape (it
+flattens), `conv1d` sequences (C, L) or flat features (L,), `lenet` and `resnet18` images
+(C, H, W). Defaults are visible in the signatures. `build_model` checks with one dummy forward,
+in float32 as every stream serves its samples, that the input fits, so a shape mismatch is one
+clear error at start-up rather than a stack trace mid-run.
 """
 
 from __future__ import annotations
@@ -46,6 +48,42 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+@register("conv1d")
+def conv1d(
+    input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (32, 64),
+    kernel: int = 5, hidden: int = 128,
+) -> nn.Module:
+    """For 1-D signals: conv (padding k//2) + ReLU + max-pool(2) per entry of `channels`,
+    then a `hidden`-unit dense layer. Flat (L,) inputs are read as one channel."""
+    if len(input_shape) not in (1, 2):
+        raise ValueError(
+            f"input shape {tuple(input_shape)} is not a sequence (C, L) or features (L,) for "
+            "conv1d; use lenet or resnet18 for images"
+        )
+    c, length = (1, int(input_shape[0])) if len(input_shape) == 1 else map(int, input_shape)
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, length))] if len(input_shape) == 1 else []
+    for width in (int(k) for k in channels):
+        if length < 2:
+            raise ValueError(
+                f"input shape {tuple(input_shape)} is too short for conv1d with "
+                f"{len(channels)} pooling blocks"
+            )
+        layers += [nn.Conv1d(c, width, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool1d(2)]
+        c, length = width, length // 2
+    layers += [nn.Flatten(), nn.Linear(c * length, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input shape {tuple(input_shape)} is not an image (C, H, W) for {name}; use "
+            "conv1d for sequences (C, L) and mlp for flat features"
+        )
+    c, h, w = (int(s) for s in input_shape)
+    return c, h, w
+
+
 @register("lenet")
 def lenet(
     input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (6, 16)
@@ -54,7 +92,7 @@ def lenet(
 
     Padding keeps it valid on 8x8 digits as on 28x28 MNIST and 32x32 CIFAR.
     """
-    c, h, w = (int(s) for s in input_shape)
+    c, h, w = _image_shape("lenet", input_shape)
     c1, c2 = (int(k) for k in channels)
     feats = nn.Sequential(
         nn.Conv2d(c, c1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -75,8 +113,9 @@ def resnet18(input_shape: Sequence[int], n_classes: int, width: int = 64) -> nn.
     """torchvision's ResNet-18 adapted to small inputs: 3x3 stride-1 stem, no max-pool."""
     from torchvision.models import resnet18 as tv_resnet18
 
+    c, _, _ = _image_shape("resnet18", input_shape)
     net = tv_resnet18(num_classes=n_classes, width_per_group=width)
-    net.conv1 = nn.Conv2d(int(input_shape[0]), 64, 3, stride=1, padding=1, bias=False)
+    net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
 

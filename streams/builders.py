@@ -15,7 +15,7 @@ import torch
 
 from .core import Purpose, Segment, Stream, digest, require_positive, rng
 from .schedules import arrange, check_schedule
-from .sources import SourceData, load_source
+from .sources import SourceData, load_source, source_name
 
 
 @dataclass
@@ -40,7 +40,8 @@ class StreamBuilder:
     def __init__(
         self,
         *,
-        source: str = "digits",
+        source: str | SourceData = "digits",
+        source_args: dict[str, Any] | None = None,
         root: str | None = None,
         download: bool = False,
         batch_size: int = 10,
@@ -64,6 +65,7 @@ class StreamBuilder:
         require_positive("max_samples_per_segment", max_samples_per_segment, allow_none=True)
         require_positive("test_samples_per_segment", test_samples_per_segment, allow_none=True)
         self.source = source
+        self.source_args = None if source_args is None else dict(source_args)
         self.root = root
         self.download = download
         self.batch_size = batch_size
@@ -91,17 +93,22 @@ class StreamBuilder:
 
     def _load(self) -> SourceData:
         return load_source(
-            self.source, root=self.root, download=self.download, split_seed=self.split_seed
+            self.source, root=self.root, download=self.download, split_seed=self.split_seed,
+            source_args=self.source_args,
         )
 
     # -- shared -------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
         """The parameters that define the stream (fingerprint, hparams); where the files
         live (`root`, `download`) does not change the stream, so it is left out."""
-        return {"builder": type(self).__name__, **{
+        params = {"builder": type(self).__name__, **{
             k: v for k, v in vars(self).items()
             if not k.startswith("_") and k not in ("root", "download")
         }}
+        params["source"] = source_name(self.source)  # the data enter via their fingerprint
+        if self.source_args is None:
+            del params["source_args"]
+        return params
 
     def _subsample(self, seg: SegmentData, s: int) -> SegmentData:
         for limit, xs, ys, split in (
@@ -158,7 +165,7 @@ class StreamBuilder:
             for s in arr.segments_used
         )
         stream = Stream(
-            name=f"{self.kind}_{self.source}",
+            name=f"{self.kind}_{src.name}",
             kind=self.kind,
             x=pool_x[idx].contiguous(),
             y=y,

@@ -1,23 +1,29 @@
-"""Data sources: read the standard dataset files into whole tensors (spec `streams.md` §2).
+"""Sources: anything that yields a train/test split of tensors (the open interface).
 
-adaptlab parses the files itself instead of going through torchvision's dataset classes:
-those check every CIFAR file's MD5 (which rules out tiny test fixtures) and convert one PIL
-image per sample, while the stream builders want whole arrays. torchvision is used only to
-*fetch* files when `download=True`; the layouts below are the ones its downloaders produce,
-so an existing torchvision root works as is.
+A stream builder's `source=` may be
+
+- a **name**: a built-in (`digits`, `mnist`, `fashion_mnist`, `cifar10`, `cifar100`), a name a
+  package added with `register_source`, or one it advertises under the entry-point group
+  `adaptlab.sources`;
+- a **file**: a `.npz` or `.pt` path holding `x_train`, `y_train`, `x_test`, `y_test` (and
+  optionally `n_classes`);
+- an **import path** `package.module:function` naming a loader;
+- from Python, a **`SourceData`**, made by `from_arrays` or `from_dataset`.
+
+Every route ends in `from_arrays`, the one place that checks, casts and fingerprints data, so a
+stream built from the same numbers is the same stream whichever route brought them.
 """
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import hashlib
 import importlib
+import importlib.metadata
 import json
+import logging
 import os
-import pickle
-import struct
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,479 +33,468 @@ import numpy as np
 import torch
 
 __all__ = [
-    "CORRUPTION_NAMES_C",
-    "EXTRA_CORRUPTION_NAMES_C",
     "SOURCES",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "SourceData",
+    "SourceError",
+    "available_sources",
     "clear_source_cache",
-    "load_cifar10",
-    "load_cifar100",
-    "load_cifar_c",
-    "load_digits",
-    "load_fashion_mnist",
-    "load_mnist",
+    "from_arrays",
+    "from_dataset",
+    "load_file",
     "load_source",
+    "register_source",
+    "source_name",
 ]
 
+#: The built-in names; `available_sources()` adds the registered ones.
 SOURCES: tuple[str, ...] = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
-
-#: The 15 benchmark corruptions of CIFAR-10-C / CIFAR-100-C, in the benchmark's order.
-CORRUPTION_NAMES_C: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)  # fmt: skip
-#: The four extra corruptions shipped in the same folders (validation set of the paper).
-EXTRA_CORRUPTION_NAMES_C: tuple[str, ...] = (
-    "speckle_noise", "gaussian_blur", "spatter", "saturate",
-)  # fmt: skip
-
-ROOT_OPTION = "--data.stream.init_args.root"
+ENTRY_POINT_GROUP = "adaptlab.sources"
+FILE_SUFFIXES = (".npz", ".pt")
+ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 PathLike = str | os.PathLike[str]
+log = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """The data cannot become a stream (the message names the array and the fix)."""
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset files are not where the source expects them (message says how to fix it)."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(SourceError):
     """A dataset file exists but is not in the expected format (message names the file)."""
 
 
 @dataclass(frozen=True)
 class SourceData:
-    """A parsed source with its official (or, for digits, seeded) train/test split.
+    """A checked source: a train/test split of samples and integer labels.
 
-    Instances are cached and shared between streams: treat the tensors as read-only.
+    Samples are images (C, H, W), sequences (C, L) or flat features (D,); `x` is float32, or
+    uint8 for image pixels (scaled to [0, 1] when served). Labels are int64 in
+    [0, n_classes). Instances are cached and shared between streams: treat them as read-only.
+    Make one with `from_arrays` or `from_dataset`, which also compute the fingerprint.
     """
 
     name: str
-    x_train: torch.Tensor  # (N, C, H, W): float32 in [0, 1] (digits) or uint8
-    y_train: torch.Tensor  # (N,) int64
+    x_train: torch.Tensor
+    y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
     fingerprint: str  # sha256 over name, parameters and data bytes
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.x_train.shape[1:])
 
-# --------------------------------------------------------------------------- entry point
+    @property
+    def is_image(self) -> bool:
+        """Images are (C, H, W); what needs pixels (rotations, corruptions) asks this."""
+        return len(self.sample_shape) == 3
+
+
+# --------------------------------------------------------------------------- from arrays
+
+
+def from_arrays(
+    x_train: Any,
+    y_train: Any,
+    x_test: Any,
+    y_test: Any,
+    *,
+    name: str = "arrays",
+    n_classes: int | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> SourceData:
+    """Check, cast and fingerprint four arrays (numpy, torch or nested lists) as a source.
+
+    Features: float32 and uint8 are kept (uint8 is read as image pixels); every other real
+    dtype (float64, float16, int, bool) is cast to float32 unchanged. Labels: integers of any
+    width become int64; anything else is refused, as are NaN/inf, empty splits, train/test
+    shape or dtype mismatches, negative labels and labels >= `n_classes` (default: the largest
+    label + 1). `params` (JSON-able) enter the fingerprint, e.g. a generator's settings.
+    """
+    where = f"source {name!r}"
+    xs = {k: _features(v, f"{where}: {k}") for k, v in (("x_train", x_train), ("x_test", x_test))}
+    ys = {k: _labels(v, f"{where}: {k}") for k, v in (("y_train", y_train), ("y_test", y_test))}
+    for split in ("train", "test"):
+        x, y = xs[f"x_{split}"], ys[f"y_{split}"]
+        if len(x) == 0:
+            raise SourceError(f"{where}: the {split} split is empty")
+        if len(y) != len(x):
+            raise SourceError(
+                f"{where}: x_{split} has {len(x)} samples but y_{split} has {len(y)} labels"
+            )
+    shape_tr, shape_te = tuple(xs["x_train"].shape[1:]), tuple(xs["x_test"].shape[1:])
+    if shape_tr != shape_te:
+        raise SourceError(
+            f"{where}: train samples are {shape_tr} but test samples are {shape_te}; "
+            "both splits need one sample shape"
+        )
+    if xs["x_train"].dtype != xs["x_test"].dtype:
+        raise SourceError(
+            f"{where}: x_train is {xs['x_train'].dtype} but x_test is {xs['x_test'].dtype}; "
+            "give both splits one dtype (uint8 is read as pixels in 0..255, floats as values)"
+        )
+    largest = max(int(ys["y_train"].max()), int(ys["y_test"].max()))
+    inferred = largest + 1
+    if n_classes is None:
+        n_classes = inferred
+    elif isinstance(n_classes, bool) or not isinstance(n_classes, int | np.integer):
+        raise SourceError(f"{where}: n_classes must be an integer, got {n_classes!r}")
+    n_classes = int(n_classes)
+    if largest >= n_classes:
+        split = "train" if int(ys["y_train"].max()) >= n_classes else "test"
+        y = ys[f"y_{split}"]
+        raise SourceError(
+            f"{where}: y_{split} labels span [{int(y.min())}, {int(y.max())}], expected "
+            f"[0, {n_classes})"
+        )
+    if n_classes < 2:
+        raise SourceError(f"{where}: a classifier needs at least 2 classes, got {n_classes}")
+
+    meta: dict[str, Any] = {"name": name, "params": dict(params or {})}
+    if n_classes != inferred:  # said explicitly and not visible in the labels
+        meta["n_classes"] = n_classes
+    try:
+        blob = json.dumps(meta, sort_keys=True)
+    except TypeError as err:
+        raise SourceError(f"{where}: params must be JSON-able ({err})") from None
+    digest = hashlib.sha256(blob.encode())
+    arrays = (xs["x_train"], ys["y_train"], xs["x_test"], ys["y_test"])
+    for a in arrays:
+        a_np = a.numpy()
+        digest.update(f"{a_np.dtype.str}{a_np.shape}".encode())
+        digest.update(a_np.data)
+    return SourceData(name, *arrays, n_classes=n_classes, fingerprint=digest.hexdigest())
+
+
+def _as_numpy(value: Any, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        value = value.numpy()
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as err:
+        raise SourceError(f"{what}: cannot be read as an array ({err})") from None
+    if arr.dtype == object or arr.dtype.kind in "USV":
+        raise SourceError(
+            f"{what}: cannot be read as a numeric array (got {type(value).__name__} of "
+            f"{arr.dtype}); pass numbers: a numpy array, a tensor, or nested lists of numbers"
+        )
+    return np.require(arr, requirements=["C", "W"])
+
+
+def _features(value: Any, what: str) -> torch.Tensor:
+    arr = _as_numpy(value, what)
+    if arr.ndim < 2:
+        raise SourceError(
+            f"{what}: shape {arr.shape} has no sample axis; samples are rows: (N, D) features, "
+            "(N, C, L) sequences or (N, C, H, W) images (one feature per sample: reshape to (N, 1))"
+        )
+    if arr.ndim > 4:
+        raise SourceError(
+            f"{what}: samples of shape {arr.shape[1:]}; adaptlab takes images (C, H, W), "
+            "sequences (C, L) or flat features (D,)"
+        )
+    if arr.dtype.kind == "c":
+        raise SourceError(f"{what}: complex values ({arr.dtype}); pass real features")
+    if arr.dtype != np.uint8 and arr.dtype != np.float32:
+        log.info("%s: %s features cast to float32", what, arr.dtype)
+        with np.errstate(over="ignore"):
+            arr = arr.astype(np.float32)
+    if arr.dtype == np.float32 and arr.size and not np.isfinite(arr).all():
+        bad = int(np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))[0])
+        raise SourceError(
+            f"{what}: NaN or inf at sample {bad} (after the cast to float32); "
+            "clean or drop those samples"
+        )
+    return torch.from_numpy(arr)
+
+
+def _labels(value: Any, what: str) -> torch.Tensor:
+    arr = _as_numpy(value, what)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise SourceError(f"{what}: labels must be one class id per sample, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        hint = " (if they are whole numbers, cast them: y.astype(int))" if (
+            arr.dtype.kind == "f") else ""
+        raise SourceError(f"{what}: labels must be integer class ids, got {arr.dtype}{hint}")
+    if arr.size and int(arr.min()) < 0:
+        raise SourceError(
+            f"{what}: label {int(arr.min())} is negative; class ids run from 0 to n_classes - 1"
+        )
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+# --------------------------------------------------------------------------- from a Dataset
+
+
+def from_dataset(
+    train: Any, test: Any, *, name: str | None = None, n_classes: int | None = None
+) -> SourceData:
+    """Read two map-style Datasets of `(sample, label)` items once, in index order.
+
+    Works for any `torch.utils.data.Dataset` with `__len__` and `__getitem__` (torchvision's
+    included): tensors and arrays are taken as they are, PIL images become uint8 (C, H, W).
+    `n_classes` defaults to `len(train.classes)` where the dataset has that attribute.
+    """
+    name = name or type(train).__name__.lower()
+    if n_classes is None and isinstance(getattr(train, "classes", None), Sequence):
+        n_classes = len(train.classes)
+    arrays = [a for ds, split in ((train, "train"), (test, "test"))
+              for a in _read_dataset(ds, f"source {name!r}: {split} dataset")]
+    return from_arrays(*arrays, name=name, n_classes=n_classes)
+
+
+def _read_dataset(ds: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
+        raise SourceError(
+            f"{what}: {type(ds).__name__} is not a map-style Dataset (it needs __len__ and "
+            "__getitem__); materialise an iterable dataset into arrays and use from_arrays"
+        )
+    xs, ys = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        if not isinstance(item, tuple | list) or len(item) < 2:
+            raise SourceError(f"{what}: item {i} is {type(item).__name__}, not (sample, label)")
+        xs.append(_sample(item[0], f"{what}: item {i}"))
+        ys.append(_as_numpy(item[1], f"{what}: label of item {i}").reshape(-1))
+    if not xs:
+        raise SourceError(f"{what}: the dataset is empty")
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        first = next(i for i, x in enumerate(xs) if x.shape != xs[0].shape)
+        raise SourceError(
+            f"{what}: samples have different shapes (item 0: {xs[0].shape}, item {first}: "
+            f"{xs[first].shape}); resize them to one shape first"
+        )
+    if any(len(y) != 1 for y in ys):
+        raise SourceError(f"{what}: every label must be one class id")
+    return np.stack(xs), np.concatenate(ys)
+
+
+def _sample(x: Any, what: str) -> np.ndarray:
+    if hasattr(x, "getbands") and hasattr(x, "size"):  # a PIL image: (H, W[, C]) -> (C, H, W)
+        arr = np.asarray(x)
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return _as_numpy(x, what)
+
+
+# --------------------------------------------------------------------------- from a file
+
+
+def load_file(path: PathLike, *, name: str | None = None) -> SourceData:
+    """A `.npz` (numpy) or `.pt` (torch, a dict of tensors) file with `x_train`, `y_train`,
+    `x_test`, `y_test` and optionally `n_classes`; the source is named after the file."""
+    path = Path(path).expanduser()
+    name = name or path.stem
+    if path.suffix not in FILE_SUFFIXES:
+        raise SourceError(f"source file {str(path)!r}: expected a .npz or .pt file")
+    if not path.is_file():
+        raise DatasetNotFoundError(f"source file {str(path)!r} not found")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                content: Mapping[str, Any] = {k: npz[k] for k in npz.files}
+        else:
+            content = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a truncated, foreign or pickled file
+        raise DatasetFormatError(
+            f"{path}: not a readable {path.suffix} file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(content, Mapping):
+        raise DatasetFormatError(f"{path}: holds {type(content).__name__}, expected a dict")
+    missing = [k for k in ARRAY_KEYS if k not in content]
+    if missing:
+        raise DatasetFormatError(
+            f"{path}: missing {', '.join(missing)} (found: {', '.join(sorted(content)) or 'none'}"
+            f"); a source file holds {', '.join(ARRAY_KEYS)} and optionally n_classes"
+        )
+    n_classes = content.get("n_classes")
+    if n_classes is not None:
+        n_classes = int(np.asarray(n_classes))
+    return from_arrays(*(content[k] for k in ARRAY_KEYS), name=name, n_classes=n_classes)
+
+
+# --------------------------------------------------------------------------- names
+
+
+Loader = Callable[..., Any]
+_REGISTRY: dict[str, Loader] = {}
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+def register_source(name: str, loader: Loader, *, replace: bool = False) -> None:
+    """Make `loader` a named source that configs can name like a built-in (`source: name`).
+
+    `loader(**source_args)` returns a `SourceData`, a dict with the four arrays (and optionally
+    `n_classes`), or the 4-tuple `(x_train, y_train, x_test, y_test)`; `source_args` come from
+    the stream's config. Results are cached per arguments.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise SourceError(f"register_source: {name!r} is not a valid name (letters, digits, _, -)")
+    if name in SOURCES:
+        raise SourceError(f"register_source: {name!r} is a built-in source")
+    if not callable(loader):
+        raise SourceError(f"register_source: the loader for {name!r} is not callable")
+    if name in _REGISTRY and _REGISTRY[name] is not loader and not replace:
+        raise SourceError(
+            f"register_source: {name!r} is already registered; pass replace=True to change it"
+        )
+    _REGISTRY[name] = loader
+    _load_named.cache_clear()
+
+
+def available_sources() -> tuple[str, ...]:
+    """Built-in, registered and entry-point source names."""
+    advertised = [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    return tuple(dict.fromkeys([*SOURCES, *sorted(_REGISTRY), *sorted(advertised)]))
 
 
 def load_source(
-    name: str = "digits",
+    source: str | SourceData = "digits",
     *,
     root: PathLike | None = None,
     download: bool = False,
     split_seed: int = 0,
     labels: str = "fine",
+    source_args: Mapping[str, Any] | None = None,
 ) -> SourceData:
-    """Load a source by name, cached in-process so several streams can share one parse.
+    """Resolve any `source=` value to a checked `SourceData` (cached in-process).
 
-    `split_seed` only affects `digits` (the others have an official split); `labels`
-    ("fine" or "coarse") only applies to `cifar100`.
+    `root`, `download`, `split_seed` and `labels` apply to built-ins (`split_seed` to digits,
+    `labels` "fine"/"coarse" to cifar100); a relative file path is read under `root` when one
+    is given. `source_args` are passed to a registered or imported loader.
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; valid sources: {', '.join(SOURCES)}")
-    if labels not in ("fine", "coarse"):
-        raise ValueError(f"labels must be 'fine' or 'coarse', got {labels!r}")
-    if labels == "coarse" and name != "cifar100":
-        raise ValueError(f"labels='coarse' only applies to source 'cifar100', not {name!r}")
-    if name == "digits":
-        return _load_cached("digits", None, int(split_seed), "fine")
-    root_path = _require_root(name, root)
-    _locate(name, root_path, download)  # fetches missing files first when download=True
-    return _load_cached(name, str(root_path), 0, labels)
+    if isinstance(source, SourceData):
+        return source
+    if not isinstance(source, str):
+        raise SourceError(
+            f"source: expected a name, a file path or a SourceData, got {type(source).__name__}"
+        )
+    args = dict(source_args or {})
+    if source in SOURCES:
+        if args:
+            raise SourceError(
+                f"source_args: built-in source {source!r} takes none (it reads root, download, "
+                "split_seed)"
+            )
+        from .datasets import load_builtin
+
+        return load_builtin(source, root=root, download=download, split_seed=split_seed,
+                            labels=labels)
+    if labels != "fine":
+        raise SourceError(f"labels={labels!r} only applies to source 'cifar100', not {source!r}")
+    if source.endswith(FILE_SUFFIXES):
+        path = Path(source).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root).expanduser() / path
+        if args:
+            raise SourceError(f"source_args: a file source ({source!r}) takes none")
+        if not path.is_file():
+            raise DatasetNotFoundError(
+                f"source file {source!r} not found (looked at {str(path.resolve())!r})"
+            )
+        stat = path.stat()
+        return _load_file_cached(str(path.resolve()), (stat.st_mtime_ns, stat.st_size))
+    try:
+        key = json.dumps(args, sort_keys=True)
+    except TypeError as err:
+        raise SourceError(f"source_args: must be JSON-able ({err})") from None
+    return _load_named(source, key)
+
+
+def source_name(source: str | SourceData) -> str:
+    """The name a `source=` value gives its data (`mine` for `mine`, `data/mine.npz` and
+    `pkg.data:mine`): streams are named and fingerprinted by it, not by where files live."""
+    if isinstance(source, SourceData):
+        return source.name
+    if source.endswith(FILE_SUFFIXES):
+        return Path(source).stem
+    return source.rpartition(":")[2]
 
 
 def clear_source_cache() -> None:
-    """Forget every cached parse (e.g. after files under a root were replaced)."""
-    _load_cached.cache_clear()
+    """Forget every cached source (e.g. after files under a root were replaced)."""
+    from .datasets import clear_builtin_cache
+
+    clear_builtin_cache()
+    _load_named.cache_clear()
+    _load_file_cached.cache_clear()
 
 
-@lru_cache(maxsize=4)
-def _load_cached(name: str, root: str | None, split_seed: int, labels: str) -> SourceData:
-    if name == "digits":
-        return load_digits(split_seed)
-    if name == "cifar100":
-        return load_cifar100(root, labels=labels)
-    loader: Callable[[PathLike], SourceData] = {
-        "mnist": load_mnist,
-        "fashion_mnist": load_fashion_mnist,
-        "cifar10": load_cifar10,
-    }[name]
-    return loader(root)
+@lru_cache(maxsize=8)
+def _load_file_cached(path: str, stamp: Any) -> SourceData:
+    return load_file(path)
 
 
-# --------------------------------------------------------------------------- digits
-
-
-def load_digits(split_seed: int = 0) -> SourceData:
-    """sklearn's bundled 8x8 digits, scaled to [0, 1], with a stratified 70/30 split.
-
-    Digits has no official split, so `split_seed` picks one (1,257 / 540). Each side is
-    kept in the original dataset order, so "source order" does not depend on the seed.
-    """
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = sk_load_digits()
-    images = (digits.images.astype(np.float32) / np.float32(16.0))[:, None]  # (N, 1, 8, 8)
-    targets = digits.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(targets)), test_size=0.3, stratify=targets, random_state=split_seed
+@lru_cache(maxsize=8)
+def _load_named(name: str, args_json: str) -> SourceData:
+    loader = _resolve_loader(name)
+    args = json.loads(args_json)
+    try:
+        result = loader(**args)
+    except TypeError as err:
+        if "argument" in str(err):  # the loader's signature does not take these source_args
+            raise SourceError(f"source_args: {err} (source {name!r})") from None
+        raise
+    if isinstance(result, SourceData):
+        return result
+    label = source_name(name)
+    if isinstance(result, Mapping):
+        missing = [k for k in ARRAY_KEYS if k not in result]
+        if missing:
+            raise SourceError(f"source {name!r}: the loader's dict lacks {', '.join(missing)}")
+        return from_arrays(*(result[k] for k in ARRAY_KEYS), name=label,
+                           n_classes=result.get("n_classes"), params=args)
+    if isinstance(result, tuple | list) and len(result) == 4:
+        return from_arrays(*result, name=label, params=args)
+    raise SourceError(
+        f"source {name!r}: the loader returned {type(result).__name__}; expected a SourceData, "
+        "a dict with x_train, y_train, x_test, y_test, or that 4-tuple"
     )
-    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
-    arrays = (images[idx_train], targets[idx_train], images[idx_test], targets[idx_test])
-    return _source_data("digits", {"split_seed": int(split_seed)}, arrays, n_classes=10)
 
 
-# --------------------------------------------------------------------------- MNIST (IDX)
-
-_IDX_IMAGES_MAGIC = 2051  # 0x0803: unsigned bytes, 3 dimensions
-_IDX_LABELS_MAGIC = 2049  # 0x0801: unsigned bytes, 1 dimension
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-def load_mnist(root: PathLike | None, download: bool = False) -> SourceData:
-    """MNIST from `<root>/MNIST/raw/` (IDX, plain or .gz): uint8 (N, 1, 28, 28), 60k/10k."""
-    return _load_idx_source("mnist", root, download)
-
-
-def load_fashion_mnist(root: PathLike | None, download: bool = False) -> SourceData:
-    """Fashion-MNIST from `<root>/FashionMNIST/raw/`, same format as MNIST."""
-    return _load_idx_source("fashion_mnist", root, download)
-
-
-def _load_idx_source(name: str, root: PathLike | None, download: bool) -> SourceData:
-    files = _locate(name, _require_root(name, root), download)
-    arrays = []
-    for split in ("train", "test"):
-        images_path, labels_path = files[f"{split}_images"], files[f"{split}_labels"]
-        images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
-        if images.shape[1:] != (28, 28):
-            raise DatasetFormatError(
-                f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28"
-            )
-        labels = _read_idx(labels_path, _IDX_LABELS_MAGIC).astype(np.int64)
-        _check_labels(labels, len(images), 10, labels_path, images_path)
-        arrays += [images[:, None], labels]
-    return _source_data(name, {}, tuple(arrays), n_classes=10)
+def _resolve_loader(name: str) -> Loader:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            loader = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise SourceError(
+                f"source {name!r}: cannot import it ({err}); the module must be importable "
+                "(installed, or on PYTHONPATH; the adaptlab CLI also looks in the current "
+                "folder)"
+            ) from None
+        if not callable(loader):
+            raise SourceError(f"source {name!r}: {attr} is not callable")
+        return loader
+    raise SourceError(
+        f"unknown source {name!r}; valid sources: {', '.join(available_sources())}, "
+        "a .npz/.pt file path, or 'module:function' (see README, \"Your own data\")"
+    )
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse one IDX file: big-endian magic and dims, then the uint8 data."""
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = bytearray(f.read())
-        else:
-            raw = bytearray(path.read_bytes())
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise DatasetFormatError(f"{path}: cannot read file ({e})") from e
-    if len(raw) < 4:
-        raise DatasetFormatError(f"{path}: {len(raw)} bytes, too short for an IDX header")
-    found = int.from_bytes(raw[:4], "big")
-    if found != magic:
-        raise DatasetFormatError(f"{path}: bad magic number {found}, expected {magic} (IDX)")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetFormatError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DatasetFormatError(
-            f"{path}: {len(raw) - header} data bytes but the header dims {dims} need "
-            f"{expected} (truncated or corrupt file)"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)  # writable
+def __getattr__(attr: str) -> Any:
+    """The built-in file parsers live in `datasets.py`; old imports from here still work."""
+    from . import datasets
 
-
-# --------------------------------------------------------------------------- CIFAR (pickles)
-
-_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-
-
-def load_cifar10(root: PathLike | None, download: bool = False) -> SourceData:
-    """CIFAR-10 from `<root>/cifar-10-batches-py/`: uint8 (N, 3, 32, 32), 50k/10k."""
-    files = _locate("cifar10", _require_root("cifar10", root), download)
-    x_train, y_train = _read_cifar_split([files[f] for f in _CIFAR10_TRAIN], "labels", 10)
-    x_test, y_test = _read_cifar_split([files["test_batch"]], "labels", 10)
-    return _source_data("cifar10", {}, (x_train, y_train, x_test, y_test), n_classes=10)
-
-
-def load_cifar100(
-    root: PathLike | None, download: bool = False, labels: str = "fine"
-) -> SourceData:
-    """CIFAR-100 from `<root>/cifar-100-python/`, with 100 fine or 20 coarse labels."""
-    if labels not in ("fine", "coarse"):
-        raise ValueError(f"labels must be 'fine' or 'coarse', got {labels!r}")
-    n_classes = 100 if labels == "fine" else 20
-    files = _locate("cifar100", _require_root("cifar100", root), download)
-    key = f"{labels}_labels"
-    x_train, y_train = _read_cifar_split([files["train"]], key, n_classes)
-    x_test, y_test = _read_cifar_split([files["test"]], key, n_classes)
-    arrays = (x_train, y_train, x_test, y_test)
-    return _source_data("cifar100", {"labels": labels}, arrays, n_classes=n_classes)
-
-
-def _read_cifar_split(
-    paths: list[Path], label_key: str, n_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for path in paths:
-        batch = _read_cifar_pickle(path)
-        for key in ("data", label_key):
-            if key not in batch:
-                raise DatasetFormatError(f"{path}: no {key!r} entry (keys: {sorted(batch)})")
-        data = np.asarray(batch["data"])
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise DatasetFormatError(
-                f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (n, 3072)"
-            )
-        labels = np.asarray(batch[label_key])
-        if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-            raise DatasetFormatError(f"{path}: {label_key!r} is not a flat list of integers")
-        labels = labels.astype(np.int64)
-        _check_labels(labels, len(data), n_classes, path)
-        xs.append(data.reshape(-1, 3, 32, 32))  # R, G, B planes, each row-major 32x32
-        ys.append(labels)
-    return np.concatenate(xs), np.concatenate(ys)
-
-
-def _read_cifar_pickle(path: Path) -> dict[str, Any]:
-    """Unpickle one CIFAR file safely; keys come back as `str` whether stored as str or bytes.
-
-    `latin1` is what Python 2 pickles of numpy arrays (the official files) need.
-    """
-    try:
-        with open(path, "rb") as f:
-            obj = _ArrayOnlyUnpickler(f, encoding="latin1").load()
-    except Exception as e:  # pickle raises many types (EOFError, ValueError, ...) on bad input
-        raise DatasetFormatError(f"{path}: unreadable pickle ({type(e).__name__}: {e})") from e
-    if not isinstance(obj, dict):
-        raise DatasetFormatError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def _numpy_core(submodule: str) -> Any:
-    """numpy 2 renamed `numpy.core` to `numpy._core`; pickles may name either."""
-    try:
-        return importlib.import_module(f"numpy._core.{submodule}")
-    except ImportError:
-        return importlib.import_module(f"numpy.core.{submodule}")
-
-
-_ALLOWED_GLOBALS: Mapping[tuple[str, str], Callable[[], Any]] = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: codecs.encode,  # protocol-2 pickles encode bytes this way
-    **{
-        (f"numpy.{core}.multiarray", fn): (lambda fn=fn: getattr(_numpy_core("multiarray"), fn))
-        for core in ("core", "_core")
-        for fn in ("_reconstruct", "scalar")
-    },
-    **{
-        (f"numpy.{core}.numeric", "_frombuffer"): lambda: _numpy_core("numeric")._frombuffer
-        for core in ("core", "_core")
-    },
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Resolves only numpy's array-reconstruction globals: a pickle can run any callable it
-    names, so a downloaded "dataset" must not be able to name `os.system`."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        resolve = _ALLOWED_GLOBALS.get((module, name))
-        if resolve is None:
-            raise pickle.UnpicklingError(
-                f"refusing global {module}.{name}: only numpy array reconstruction is allowed"
-            )
-        return resolve()
-
-
-# --------------------------------------------------------------------------- CIFAR-C (.npy)
-
-_C_FOLDERS = {"cifar10": ("CIFAR-10-C", 10), "cifar100": ("CIFAR-100-C", 100)}
-_C_URLS = {
-    "cifar10": "https://zenodo.org/record/2535967",
-    "cifar100": "https://zenodo.org/record/3555552",
-}
-
-
-def load_cifar_c(
-    root: PathLike | None, *, dataset: str = "cifar10", corruption: str, severity: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (corruption, severity) block of CIFAR-10-C / CIFAR-100-C.
-
-    `<root>/CIFAR-10-C/<corruption>.npy` holds severities 1-5 in order, n = len / 5 each;
-    it is memory-mapped so only the requested block is read. Returns uint8 (n, 3, 32, 32)
-    images and int64 labels. There is no download.
-    """
-    if dataset not in _C_FOLDERS:
-        raise ValueError(f"dataset must be one of {sorted(_C_FOLDERS)}, got {dataset!r}")
-    valid = CORRUPTION_NAMES_C + EXTRA_CORRUPTION_NAMES_C
-    if corruption not in valid:
-        raise ValueError(f"unknown corruption {corruption!r}; valid: {', '.join(valid)}")
-    if isinstance(severity, bool) or severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be an integer in 1..5, got {severity!r}")
-    folder, n_classes = _C_FOLDERS[dataset]
-    source = f"{dataset}_c"
-    base = _require_root(source, root) / folder
-    images_path, labels_path = base / f"{corruption}.npy", base / "labels.npy"
-    missing = [(p,) for p in (images_path, labels_path) if not p.is_file()]
-    if missing:
-        raise _not_found(source, base.parent, missing, folder, download_hint=False)
-
-    images, labels = _open_npy(images_path), _open_npy(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise DatasetFormatError(
-            f"{images_path}: {images.dtype} {images.shape}, expected uint8 (n, 32, 32, 3)"
-        )
-    if len(images) % 5:
-        raise DatasetFormatError(f"{images_path}: {len(images)} rows, not 5 equal severities")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DatasetFormatError(f"{labels_path}: {labels.dtype} {labels.shape}, expected (n,) int")
-    _check_labels(labels, len(images), n_classes, labels_path, images_path)
-    n = len(images) // 5
-    rows = slice((severity - 1) * n, severity * n)
-    x = np.ascontiguousarray(images[rows].transpose(0, 3, 1, 2))  # reads only these rows
-    y = np.array(labels[rows], dtype=np.int64)  # a copy, not a view of the memory map
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def _open_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DatasetFormatError(f"{path}: not a readable .npy array ({e})") from e
-
-
-# --------------------------------------------------------------------------- files and errors
-
-_FOLDERS = {
-    "mnist": "MNIST",
-    "fashion_mnist": "FashionMNIST",
-    "cifar10": "cifar-10-batches-py",
-    "cifar100": "cifar-100-python",
-}
-_TORCHVISION_CLASSES = {
-    "mnist": "MNIST",
-    "fashion_mnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-    "cifar100": "CIFAR100",
-}
-
-
-def _fix_hint(folder: str, download_hint: bool = True) -> str:
-    hint = f"set `{ROOT_OPTION}` to the folder that contains `{folder}/`"
-    return hint + (", or pass `download: true` (needs network)" if download_hint else "")
-
-
-def _not_found(
-    source: str,
-    root: PathLike | None,
-    missing: list[tuple[Path, ...]],
-    folder: str,
-    download_hint: bool = True,
-) -> DatasetNotFoundError:
-    lines = [f"source {source!r}: dataset files not found under root {str(root)!r}"]
-    if root is not None and not Path(root).is_dir():
-        lines[0] += " (the root folder does not exist)"
-    lines += ["missing:"] + ["  " + " or ".join(map(str, alts)) for alts in missing]
-    if source.endswith("_c"):
-        url = _C_URLS[source[: -len("_c")]]
-        lines.append(f"fix: {_fix_hint(folder, False)} (no download; get it from {url})")
-    else:
-        lines.append(f"fix: {_fix_hint(folder, download_hint)}")
-    return DatasetNotFoundError("\n".join(lines))
-
-
-def _require_root(source: str, root: PathLike | None) -> Path:
-    if root is None:
-        folder = _C_FOLDERS[source[:-2]][0] if source.endswith("_c") else _FOLDERS[source]
-        hint = _fix_hint(folder, download_hint=not source.endswith("_c"))
-        raise DatasetNotFoundError(
-            f"source {source!r} needs a root folder (root=None); fix: {hint}"
-        )
-    return Path(root).expanduser().resolve()
-
-
-def _required_files(name: str, root: Path) -> dict[str, tuple[Path, ...]]:
-    """Each required file with its accepted alternatives (IDX may be gzipped)."""
-    base = root / _FOLDERS[name]
-    if name in ("mnist", "fashion_mnist"):
-        return {k: (base / "raw" / f, base / "raw" / f"{f}.gz") for k, f in _IDX_FILES.items()}
-    names = (*_CIFAR10_TRAIN, "test_batch") if name == "cifar10" else ("train", "test")
-    return {f: (base / f,) for f in names}
-
-
-def _locate(name: str, root: Path, download: bool) -> dict[str, Path]:
-    """Find every required file, fetching with torchvision first only if asked and needed."""
-
-    def find() -> dict[str, Path | None]:
-        return {
-            key: next((p for p in alts if p.is_file()), None)
-            for key, alts in _required_files(name, root).items()
-        }
-
-    found = find()
-    if download and None in found.values():
-        _download(name, root)
-        found = find()
-    missing = [alts for key, alts in _required_files(name, root).items() if found[key] is None]
-    if missing:
-        raise _not_found(name, root, missing, _FOLDERS[name], download_hint=not download)
-    return {key: path for key, path in found.items() if path is not None}
-
-
-def _download(name: str, root: Path) -> None:
-    import torchvision.datasets
-
-    cls = getattr(torchvision.datasets, _TORCHVISION_CLASSES[name])
-    try:
-        cls(str(root), train=True, download=True)
-    except Exception as e:  # network and mirror errors come in many types
-        raise DatasetNotFoundError(
-            f"source {name!r}: download into {str(root)!r} failed ({type(e).__name__}: {e}); "
-            f"fix: {_fix_hint(_FOLDERS[name], download_hint=False)}"
-        ) from e
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_labels(
-    labels: np.ndarray, n_images: int, n_classes: int, path: Path, images_path: Path | None = None
-) -> None:
-    """One label per image, each in [0, n_classes)."""
-    if len(labels) != n_images:
-        images = f"{images_path} has {n_images}" if images_path else f"there are {n_images}"
-        raise DatasetFormatError(f"{path}: {len(labels)} labels, but {images} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise DatasetFormatError(
-            f"{path}: labels span [{labels.min()}, {labels.max()}], expected [0, {n_classes})"
-        )
-
-
-def _source_data(
-    name: str, params: dict[str, Any], arrays: tuple[np.ndarray, ...], n_classes: int
-) -> SourceData:
-    """Wrap arrays as tensors and fingerprint them (name, params, dtype, shape and bytes)."""
-    arrays = tuple(np.require(a, requirements=["C", "W"]) for a in arrays)
-    digest = hashlib.sha256(json.dumps({"name": name, "params": params}, sort_keys=True).encode())
-    for a in arrays:
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(a.data)
-    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in arrays)
-    return SourceData(name, x_train, y_train, x_test, y_test, n_classes, digest.hexdigest())
+    if attr in datasets.__all__:
+        return getattr(datasets, attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

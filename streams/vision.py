@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,23 @@ __all__ = [
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def _require_images(builder: StreamBuilder, src: SourceData) -> None:
+    if not src.is_image:
+        raise ValueError(
+            f"{type(builder).__name__}: needs images (C, H, W), but source {src.name!r} has "
+            f"samples of shape {src.sample_shape}; use Split or Permuted for sequences and "
+            "features"
+        )
+
+
+def _refuse_duplicates(option: str, classes: list[int]) -> None:
+    twice = sorted(c for c, n in Counter(int(c) for c in classes).items() if n > 1)
+    if twice:
+        raise ValueError(
+            f"{option}: classes {twice} appear more than once; each class belongs to one segment"
+        )
 
 
 class Split(StreamBuilder):
@@ -58,29 +76,32 @@ class Split(StreamBuilder):
         self.shuffle_classes = shuffle_classes
         self.labels = labels
 
-    def _groups(self, n_classes: int) -> list[list[int]]:
+    def _groups(self, src: SourceData) -> list[list[int]]:
+        n_classes = src.n_classes
         if self.segments is not None:
             groups = self.segments
         else:
             order = self.class_order if self.class_order is not None else list(range(n_classes))
+            _refuse_duplicates("class_order", order)
             if self.shuffle_classes and self.class_order is None:
                 order = [int(c) for c in rng(self.seed, Purpose.CLASS_ORDER).permutation(order)]
             k = self.classes_per_segment
             groups = [order[i : i + k] for i in range(0, len(order), k)]
+        _refuse_duplicates("segments", [c for g in groups for c in g])
         for g in groups:
             if not g:
                 raise ValueError("segments: an empty class group makes an empty segment")
             missing = [c for c in g if not 0 <= int(c) < n_classes]
             if missing:
                 raise ValueError(
-                    f"segments: classes {missing} are not in source {self.source!r} "
+                    f"segments: classes {missing} are not in source {src.name!r} "
                     f"(classes 0..{n_classes - 1})"
                 )
         return groups
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
         out = []
-        for g in self._groups(src.n_classes):
+        for g in self._groups(src):
             lut = torch.full((src.n_classes,), -1, dtype=torch.int64)
             local = self.labels == "local"
             lut[torch.tensor(g)] = torch.arange(len(g)) if local else torch.tensor(g)
@@ -112,16 +133,19 @@ class Permuted(StreamBuilder):
         self.identity_first = identity_first
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
-        n, c, h, w = src.x_train.shape
+        shape = src.sample_shape
+        # positions: pixels of an image or steps of a sequence (one permutation shared by the
+        # channels, as in permuted MNIST), or the features of a flat sample
+        c, p = (1, shape[0]) if len(shape) == 1 else (shape[0], math.prod(shape[1:]))
         out = []
         for s in range(self.n_segments):
             if s == 0 and self.identity_first:
-                perm = torch.arange(h * w)
+                perm = torch.arange(p)
             else:
-                perm = torch.from_numpy(rng(self.seed, Purpose.PERMUTATION, s).permutation(h * w))
+                perm = torch.from_numpy(rng(self.seed, Purpose.PERMUTATION, s).permutation(p))
 
             def apply(x: torch.Tensor, perm: torch.Tensor = perm) -> torch.Tensor:
-                return x.reshape(len(x), c, h * w)[:, :, perm].reshape(len(x), c, h, w)
+                return x.reshape(len(x), c, p)[:, :, perm].reshape(x.shape)
 
             out.append(SegmentData(
                 name=f"permutation_{s}", group="permuted", params={"permutation": s},
@@ -157,6 +181,7 @@ class Rotated(StreamBuilder):
         return [float(a) for a in np.linspace(0.0, self.max_angle, self.n_segments)]
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
+        _require_images(self, src)
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
@@ -244,6 +269,7 @@ class Corrupted(StreamBuilder):
         return [(c, self.severity) for c in names]
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
+        _require_images(self, src)
         n = len(src.y_test)
         perm = rng(self.split_seed, Purpose.SPLIT).permutation(n)
         n_test = max(1, int(round(self.test_fraction * n)))
