@@ -337,7 +337,7 @@ class StreamEvaluator(pl.Callback):
         final["params_total"] = metrics.params_total(sized)
         final["params_nonzero"] = metrics.params_nonzero(sized)
         final["learner"] = self._learner_metrics(trainer, learner, ev) if with_learner else (
-            dict.fromkeys(["acc_class_il", "acc_within_task", "selector_acc", "n_experts"]))
+            dict.fromkeys(metrics.EXPERT_METRICS))
 
         per_online = metrics.acc_online_per_segment(ev)
         f_ch = metrics.forgetting_chaudhry(R, first=first, per_segment=True) if len(R) else None
@@ -365,21 +365,26 @@ class StreamEvaluator(pl.Callback):
     def _learner_metrics(
         self, trainer: pl.Trainer, learner: StreamLearner, ev: metrics.OnlineEvents
     ) -> dict[str, Any]:
-        """TAME-style expert metrics (tame.md §7); all null for learners without experts."""
-        out: dict[str, Any] = dict.fromkeys(
-            ["acc_class_il", "acc_within_task", "selector_acc", "n_experts"]
-        )
+        """Expert learners' metrics (`metrics.EXPERT_METRICS`); all null for the others.
+
+        An expert "belongs" to the segment it was active on most during training, and a
+        segment's own expert is the one most active on it; test inputs are routed as
+        `forward` routes them (`expert_ids(x)`)."""
+        out: dict[str, Any] = dict.fromkeys(metrics.EXPERT_METRICS)
         active = learner.expert_ids()
         if active is None or len(ev) == 0:
             return out
         active = np.asarray(active.cpu() if torch.is_tensor(active) else active)[: len(ev)]
         st = self._stream(trainer)
-        majority = {}
+        segment_of, expert_of = {}, {}
         for k in np.unique(active):
             segs, counts = np.unique(ev.seg[active == k], return_counts=True)
-            majority[int(k)] = int(segs[np.argmax(counts)])
+            segment_of[int(k)] = int(segs[np.argmax(counts)])
+        for s in np.unique(ev.seg):
+            ks, counts = np.unique(active[ev.seg == s], return_counts=True)
+            expert_of[int(s)] = int(ks[np.argmax(counts)])
         dm = trainer.datamodule
-        within, class_il, selector = [], [], []
+        inferred, oracle, class_il, selector = [], [], [], []
         was = learner.training
         learner.eval()
         with torch.no_grad():
@@ -388,13 +393,18 @@ class StreamEvaluator(pl.Callback):
                 x, y = x.to(learner.device), y.to(learner.device)
                 routed = learner.expert_ids(x).cpu().numpy()
                 ok = (learner(x).argmax(-1) == y).cpu().numpy()
-                right_expert = np.array([majority.get(int(r), -1) == seg.id for r in routed])
-                within.append(ok.mean())
+                right_expert = np.array([segment_of.get(int(r), -1) == seg.id for r in routed])
+                own = learner.expert_logits(x, expert_of[seg.id]) if seg.id in expert_of else None
+                inferred.append(ok.mean())
+                oracle.append(float("nan") if own is None else
+                              (own.argmax(-1) == y).float().mean().item())
                 selector.append(right_expert.mean())
                 class_il.append((ok & right_expert).mean())
         learner.train(was)
-        out.update(acc_within_task=float(np.mean(within)), acc_class_il=float(np.mean(class_il)),
-                   selector_acc=float(np.mean(selector)), n_experts=len(np.unique(active)))
+        out.update(acc_task_inferred=float(np.mean(inferred)),
+                   acc_task_oracle=None if np.isnan(oracle).any() else float(np.mean(oracle)),
+                   acc_class_il=float(np.mean(class_il)), selector_acc=float(np.mean(selector)),
+                   n_experts=len(np.unique(active)))
         return out
 
     def document(self, trainer: pl.Trainer, learner: StreamLearner, status: str) -> dict[str, Any]:
@@ -495,6 +505,8 @@ class StreamEvaluator(pl.Callback):
         if logger is not None:
             scalars = {f"final/{k}": v for k, v in final.items()
                        if isinstance(v, (int, float)) and v is not None}
+            scalars |= {f"final/learner/{k}": v for k, v in final["learner"].items()
+                        if isinstance(v, (int, float)) and v is not None}
             logger.log_hyperparams(self.hparams(trainer, learner), metrics=scalars)
             logger.save()
         if self.print_table:

@@ -208,6 +208,10 @@ class StreamLearner(pl.LightningModule):
         """Expert routing for expert learners; `None` for learners without experts."""
         return None
 
+    def expert_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits of expert `k` alone, routing bypassed (expert learners override it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no experts")
+
     @property
     def has_experts(self) -> bool:
         """Whether this learner routes inputs to experts (it overrides `expert_ids`)."""

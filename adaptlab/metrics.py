@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFINITIONS",
+    "EXPERT_METRICS",
     "DetectionReport",
     "OnlineEvents",
     "TOLERANCE_BATCHES",
@@ -834,7 +835,14 @@ def params_nonzero(module: torch.nn.Module | Iterable[torch.nn.Module]) -> int:
 
 # ----------------------------------------------------------------------- definitions
 
+#: `final.learner` keys: filled for learners with experts (TAME), null for the others.
+EXPERT_METRICS = ("acc_task_inferred", "acc_task_oracle", "acc_class_il", "selector_acc",
+                  "n_experts")
+
 DEFINITIONS: dict[str, str] = {
+    "R[i][j]": "accuracy of forward(x) against the labels the stream presents (global, or "
+    "local with Split labels: local) on segment j's test set after row i; the same for every "
+    "learner",
     "acc_final": "mean_{j seen at last} R[last][j]; GEM ACC, Chaudhry et al., Renate "
     "average_accuracy",
     "acc_final_weighted": "sum_j n_j R[last][j] / sum_j n_j over all columns; Avalanche "
@@ -881,4 +889,14 @@ DEFINITIONS: dict[str, str] = {
     "duplicate_detections": "later detections inside a window [d_k, d_k + tolerance]; adaptlab",
     "params_total": "parameter elements, tied tensors counted once, no buffers",
     "params_nonzero": "count_nonzero of the effective (pruned) weights, tied counted once; TAME",
+    "learner.acc_task_inferred": "mean over segments of the accuracy of forward(x): the expert "
+    "the selector routes x to, judged on the stream's labels (TAME's protocol; a wrong expert "
+    "can be right by chance under local labels)",
+    "learner.acc_task_oracle": "mean over segments of the accuracy of the segment's own expert "
+    "(the one most active on it during training), routing bypassed",
+    "learner.acc_class_il": "mean over segments of P(routed to an expert of this segment and "
+    "its prediction right): class-incremental accuracy when labels are local",
+    "learner.selector_acc": "mean over segments of P(routed to an expert whose majority "
+    "training segment is this one)",
+    "learner.n_experts": "experts that were active at some point of training",
 }

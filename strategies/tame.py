@@ -819,6 +819,10 @@ class TAME(StreamLearner):
         logits = self.pool.logits_all(x)  # [K, B, C]
         return logits[k_hat, torch.arange(len(x), device=x.device)]
 
+    @torch.no_grad()
+    def expert_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self.pool.logits_one(k, x)
+
     def shift_events(self) -> list[int]:
         return [int(e["pos"]) for e in self.events]
 

@@ -38,8 +38,9 @@ def test_fit_writes_metrics_json_and_tensorboard_events(tmp_path):
     assert final["acc_final"] == pytest.approx(sum(rows[-1]["acc"]) / 5)
     assert final["bwt_gem"] == pytest.approx(-final["forgetting_last"])
     assert final["params_total"] == 64 * 256 + 256 + 256 * 10 + 10
-    assert final["learner"] == {"acc_class_il": None, "acc_within_task": None,
-                                "selector_acc": None, "n_experts": None}
+    assert final["learner"] == dict.fromkeys(
+        ["acc_task_inferred", "acc_task_oracle", "acc_class_il", "selector_acc", "n_experts"])
+    assert {"learner.acc_task_oracle", "learner.acc_class_il"} <= set(doc["definitions"])
     assert set(doc["definitions"]) >= {"acc_final", "forgetting_chaudhry", "bwt_gem"}
     assert "acc_final" in out.stdout  # the terminal table
     run = json.loads((run_dir / "run.json").read_text())

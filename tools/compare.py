@@ -276,7 +276,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     kind = doc["stream"]["kind"]
     is_tame = learner.get("n_experts") is not None
     if is_tame:
-        acc, within = learner.get("acc_class_il"), learner.get("acc_within_task")
+        acc, within = learner.get("acc_class_il"), learner.get("acc_task_inferred")
     else:
         acc = final.get("acc_final")
         # Permuted: every segment has the same label set, so within-task is acc_final.
@@ -387,7 +387,7 @@ def caption(rows: list[dict[str, Any]], seeds: list[int], args: argparse.Namespa
             f"({sp.get('repeats', '?')} passes per segment"
             + (f", labels {sp['labels']}" if "labels" in sp else "")
             + "); its first column is `acc_class_il` (routed to the right expert *and* right "
-            "label), its second `acc_within_task` (label right, expert as routed); "
+            "label), its second `acc_task_inferred` (label right, expert as routed); "
             "forgetting is over its own accuracy matrix.")
     if st["kind"] == "split":
         parts.append("Within-task accuracy of the class-IL baselines is not in their "
