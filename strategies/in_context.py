@@ -35,6 +35,8 @@ def curve_name(set_name: str, field: str) -> str:
     family, _, rest = set_name.partition("_")
     if family in ("icl", "iwl"):
         return f"{'iwl' if field == 'alt' else family}/{rest}"
+    if family == "pos":  # masked part-of-speech sets; `alt` is the in-weights answer
+        return f"{'pos_iwl' if field == 'alt' else 'pos'}/{rest}"
     return f"eval/{set_name}_{field}"
 
 
@@ -51,6 +53,9 @@ class InContextLearner(StreamLearner):
         lr_schedule: `constant` after the warm-up, or `linear` decay to 0 at `decay_steps`
             (the reference's schedule, default the trainer's `max_steps`).
         decay_steps: the step where `linear` reaches 0.
+        n_targets: 1 (the query position), or m: samples are packed `[sentence | m targets]`
+            and the loss is taken at the sentence's last m positions (the masked
+            part-of-speech task, `streams.pos`); the label is 1, "all m right".
         label_softmax: restrict the loss (and predictions) to the label tokens.
         label_block: `[lo, hi)` of the label tokens; default read from the stream's vocabulary.
         pad_id: the padding row (default: the last id, as in `streams.icl`).
@@ -81,6 +86,7 @@ class InContextLearner(StreamLearner):
         warmup_steps: int = 200,
         lr_schedule: str = "constant",
         decay_steps: int | None = None,
+        n_targets: int = 1,
         label_softmax: bool = True,
         label_block: Sequence[int] | None = None,
         pad_id: int | None = None,
@@ -115,6 +121,9 @@ class InContextLearner(StreamLearner):
         if lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule: {lr_schedule!r} is not 'constant' or 'linear'")
         self.lr_schedule, self.decay_steps = lr_schedule, decay_steps
+        if not isinstance(n_targets, int) or n_targets < 1:
+            raise ValueError(f"n_targets: a positive integer, got {n_targets!r}")
+        self.n_targets = n_targets
         self.label_softmax = label_softmax
         self.label_block: tuple[int, int] | None = tuple(label_block) if label_block else None
         self.eval_every, self.eval_batch_size = eval_every, eval_batch_size
@@ -193,30 +202,47 @@ class InContextLearner(StreamLearner):
 
     # -- the contract -------------------------------------------------------------------------
     def query_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits at the query (last) position."""
-        return self.model(x)[:, -1]
+        """Full-vocabulary logits at the query (last) position, or (n, m, V) at the last m
+        positions under `n_targets` m > 1."""
+        m = self.n_targets
+        return self.model(x)[:, -1] if m == 1 else self.model(x)[:, -m:]
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A packed sample `[sentence | m targets]` (n_targets > 1) into its two parts."""
+        m = self.n_targets
+        return (x, None) if m == 1 else (x[:, :-m], x[:, -m:])
 
     def _restricted(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.label_softmax:
             return logits
         lo, hi = self.label_block
         out = torch.full_like(logits, float("-inf"))
-        out[:, lo:hi] = logits[:, lo:hi]
+        out[..., lo:hi] = logits[..., lo:hi]
         return out
 
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         if self.label_softmax:
             lo, hi = self.label_block
             return F.cross_entropy(logits[:, lo:hi], y - lo)
         return F.cross_entropy(logits, y)
 
+    def _solved(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(n, 2) scores whose argmax is 1 exactly when every target is right (the packed
+        streams' label: hard accuracy is then what the evaluator scores)."""
+        ok = (self._restricted(logits).argmax(-1) == targets).all(1)
+        return torch.stack([~ok, ok], 1).float()
+
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = self._split(x)
         logits = self.query_logits(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(logits, y if targets is None else targets)
         opt = self.optimizers()
         self._set_lrs(opt.optimizer if hasattr(opt, "optimizer") else opt)
         self.update(opt, loss)
         self._last_loss = loss.detach()
+        if targets is not None:
+            return self._solved(logits.detach(), targets), loss.detach()
         return self._restricted(logits.detach()), loss.detach()
 
     @property
@@ -225,6 +251,9 @@ class InContextLearner(StreamLearner):
         return self._last_loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, targets = self._split(x)
+        if targets is not None:
+            return self._solved(self.query_logits(x), targets)
         return self._restricted(self.query_logits(x))
 
     # -- evaluation ---------------------------------------------------------------------------

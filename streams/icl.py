@@ -613,7 +613,8 @@ def eval_sets_of(stream: Stream) -> dict[str, EvalSet]:
 def label_block_of(stream: Stream) -> tuple[int, int] | None:
     """`[lo, hi)` of the label tokens of a generated stream (None for other streams)."""
     vocab = stream.params.get("vocab") if isinstance(stream.params, dict) else None
-    return tuple(vocab["labels"]) if vocab else None  # type: ignore[return-value]
+    labels = vocab.get("labels") if vocab else None
+    return tuple(labels) if labels else None  # type: ignore[return-value]
 
 
 def stream_meta(stream: Stream, start: int, end: int) -> dict[str, torch.Tensor]:

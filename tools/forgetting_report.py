@@ -47,7 +47,7 @@ SKIP = ("loss/", "eval/", "emb_norm/")
 # The claims, per task: (ICL on unseen items, IWL on head items, IWL-vs-ICL on conflicts).
 ROLES = {
     "bursty": {"icl": "icl/holdout", "iwl_head": "iwl/head", "iwl_tail": "iwl/tail"},
-    "pos": {"icl": "pos/holdout", "iwl_head": "iwl/switch", "iwl_tail": "iwl/tail_switch"},
+    "pos": {"icl": "pos/holdout", "iwl_head": "pos_iwl/switch", "iwl_tail": "pos_iwl/tail_switch"},
 }
 
 
