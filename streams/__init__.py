@@ -5,6 +5,7 @@ Any data set becomes a source with `from_arrays`, `from_dataset`, a `.npz`/`.pt`
 `register_source` (see `sources.py`).
 """
 
+from . import generated  # noqa: F401  (registers the generated sources: tabular, signals)
 from .builders import SegmentData, StreamBuilder
 from .core import UNLABELED, Segment, Stream
 from .sources import SourceData, from_arrays, from_dataset, load_file, register_source

@@ -50,7 +50,9 @@ class Split(StreamBuilder):
     """Task-free class-incremental split: one segment per group of classes.
 
     `labels="global"` keeps the source labels (class-IL); `"local"` relabels 0..c-1 inside each
-    segment (TAME's protocol, within-task accuracy).
+    segment (TAME's protocol, within-task accuracy). A class named in two `segments` is refused
+    unless `shared_classes="partition"`: then its train and test samples are dealt (seeded,
+    disjoint, near-equal parts) to the segments that name it, so tasks share classes.
     """
 
     kind = "split"
@@ -63,11 +65,14 @@ class Split(StreamBuilder):
         class_order: list[int] | None = None,
         shuffle_classes: bool = False,
         labels: str = "global",
+        shared_classes: str = "refuse",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if labels not in ("global", "local"):
             raise ValueError(f"labels: {labels!r} is not 'global' or 'local'")
+        if shared_classes not in ("refuse", "partition"):
+            raise ValueError(f"shared_classes: {shared_classes!r} is not 'refuse' or 'partition'")
         if segments is None:
             require_positive("classes_per_segment", classes_per_segment)
         self.classes_per_segment = classes_per_segment
@@ -75,6 +80,7 @@ class Split(StreamBuilder):
         self.class_order = None if class_order is None else list(class_order)
         self.shuffle_classes = shuffle_classes
         self.labels = labels
+        self.shared_classes = shared_classes
 
     def _groups(self, src: SourceData) -> list[list[int]]:
         n_classes = src.n_classes
@@ -87,8 +93,10 @@ class Split(StreamBuilder):
                 order = [int(c) for c in rng(self.seed, Purpose.CLASS_ORDER).permutation(order)]
             k = self.classes_per_segment
             groups = [order[i : i + k] for i in range(0, len(order), k)]
-        _refuse_duplicates("segments", [c for g in groups for c in g])
         for g in groups:
+            _refuse_duplicates("segments (one group)", g)
+        if self.shared_classes == "refuse":
+            _refuse_duplicates("segments", [c for g in groups for c in g])
             if not g:
                 raise ValueError("segments: an empty class group makes an empty segment")
             missing = [c for c in g if not 0 <= int(c) < n_classes]
@@ -100,13 +108,14 @@ class Split(StreamBuilder):
         return groups
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
+        groups = self._groups(src)
+        keep = [self._shares(groups, src.y_train, 0), self._shares(groups, src.y_test, 1)]
         out = []
-        for g in self._groups(src):
+        for s, g in enumerate(groups):
             lut = torch.full((src.n_classes,), -1, dtype=torch.int64)
             local = self.labels == "local"
             lut[torch.tensor(g)] = torch.arange(len(g)) if local else torch.tensor(g)
-            tr = lut[src.y_train] >= 0
-            te = lut[src.y_test] >= 0
+            tr, te = keep[0][s], keep[1][s]
             out.append(SegmentData(
                 name="classes_" + "_".join(str(c) for c in g), group="split",
                 params={"classes": [int(c) for c in g]},
@@ -114,6 +123,20 @@ class Split(StreamBuilder):
                 x_test=src.x_test[te], y_test=lut[src.y_test[te]],
             ))
         return out
+
+    def _shares(self, groups: list[list[int]], y: torch.Tensor, split: int) -> list[torch.Tensor]:
+        """Per segment, a mask of the samples it owns: every sample of its classes, or, for a
+        class several segments share, that segment's part of a seeded deal."""
+        masks = [torch.zeros(len(y), dtype=torch.bool) for _ in groups]
+        for c in sorted({int(c) for g in groups for c in g}):
+            owners = [s for s, g in enumerate(groups) if c in g]
+            idx = torch.nonzero(y == c).flatten().numpy()
+            if len(owners) > 1:
+                idx = rng(self.seed if split == 0 else self.split_seed, Purpose.SPLIT, c,
+                          split).permutation(idx)
+            for s, part in zip(owners, np.array_split(idx, len(owners))):
+                masks[s][torch.from_numpy(part)] = True
+        return masks
 
     def _n_classes(self, src: SourceData, segments: list[SegmentData]) -> int:
         if self.labels == "local":

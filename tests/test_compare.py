@@ -72,3 +72,26 @@ def test_compare_smoke(stream, tmp_path, capsys):
         "--out", str(tmp_path), "--table-only",
     ])
     assert _rows(again) == rows
+
+
+def test_any_stream_equal_budget(tmp_path):
+    """A generated stream named by class path: every method gets the same passes and memory,
+    TAME's buffers fill the same M, and the caption states the budget."""
+    text = compare.main([
+        "--stream", "adaptlab.streams.Permuted", "--stream-args",
+        "{source: tabular, source_args: {n_samples: 400}, n_segments: 3}",
+        "--seeds", "0", "--repeats", "2", "--memory", "120", "--methods", "Replay", "TAME",
+        "--out", str(tmp_path),
+    ])
+    runs = {m: json.loads((tmp_path / "permuted_tabular" / "seed0" / f"adaptlab_{m}"
+                           / "run.json").read_text())["compare"] for m in ("Replay", "TAME")}
+    assert runs["Replay"]["stream_params"] == runs["TAME"]["stream_params"]
+    assert runs["Replay"]["settings"]["passes"] == runs["TAME"]["settings"]["passes"] == 2
+    tame = runs["TAME"]["settings"]
+    assert tame["selector_capacity"] + 3 * tame["retrain_capacity"] == 120
+    assert "permuted_tabular" in text and "2 passes per segment" in text
+    assert "Unequal budget" not in text
+    with pytest.raises(SystemExit, match="too small for TAME"):
+        compare.main(["--stream", "adaptlab.streams.Permuted", "--stream-args",
+                      "{source: tabular, n_segments: 3}", "--memory", "5",
+                      "--methods", "TAME", "--out", str(tmp_path)])

@@ -2,26 +2,33 @@
 
     python tools/compare.py --stream split --seeds 0 1 2
     python tools/compare.py --stream permuted --n-segments 10 --seeds 0 1 2
+    python tools/compare.py --stream configs/finetune/split_digits.yaml    # any config's stream
+    python tools/compare.py --stream adaptlab.streams.Permuted \
+        --stream-args '{source: signals, source_args: {noise: 2.0}, n_segments: 5}'
+
+Every method gets the same budget: the same samples in the same order, `--repeats` passes per
+segment, replay memory `--memory` (TAME: its selector buffer plus one retraining buffer per
+segment fill the same M), and an MLP backbone.
 
 For every seed s it builds the stream once (stream seed s, learner seed s) and runs, in this
 process:
 - adaptlab `Finetune`, `Replay` (reservoir memory M, task-free) and `Joint` (the i.i.d. upper
   bound) through a Lightning Trainer with the `StreamEvaluator`, `--repeats` passes per segment;
-- adaptlab `TAME` through the same Trainer, on the same data with the protocol of
-  `configs/tame/<stream>_digits.yaml` (read here, so its settings live in one place): on
-  Split `labels: local`, and its class-incremental accuracy (`final.learner.acc_class_il`,
-  right expert and right label) is the number compared with the baselines' `acc_final`;
+- adaptlab `TAME` through the same Trainer, on the same data, with the learner settings of
+  `--tame-config` (default `configs/tame/<split|permuted>_digits.yaml`): on Split
+  `labels: local`, and its class-incremental accuracy (`final.learner.acc_class_il`, right
+  expert and right label) is the number compared with the baselines' `acc_final`;
 - where Avalanche is importable, Avalanche's `Naive`, `Replay` (M), `EWC`, `LwF`, `GDumb` (M)
   and `ER_ACE` (M), boundary-aware, in Avalanche's own training loop on
   `stream_to_avalanche(...)` of the same samples (one pass per experience, `train_epochs` =
   passes), with `segment_matrix_metrics` writing the same `metrics.json`.
 
-Every baseline has the same MLP (64-`--hidden`-C, the same seeded initialisation) and SGD
+Every baseline has the same MLP (D-`--hidden`-C, the same seeded initialisation) and SGD
 settings. Each run writes `metrics.json` and `run.json` under
-`--out/<stream>/seed<s>/<method>/`; compare.py adds a `compare` block (method label, wall
+`--out/<name>/seed<s>/<method>/`; compare.py adds a `compare` block (method label, wall
 seconds of the run, settings) to `run.json`. The table is then built only from those files
 (`--table-only` rebuilds it from an earlier run) and is printed as Markdown and written to
-`--out/<stream>/table.md`.
+`--out/<name>/table.md`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NATIVE = ["Finetune", "Replay", "Joint", "TAME"]
+SHORTCUTS = ("split", "permuted")
 AVALANCHE = ["Naive", "Replay", "EWC", "LwF", "GDumb", "ER_ACE"]
 LABELS = {"ER_ACE": "ER-ACE"}
 
@@ -80,47 +88,106 @@ def slug(backend: str, name: str) -> str:
 # --------------------------------------------------------------------------- configuration
 
 
-def tame_config(stream: str) -> dict[str, Any]:
-    """TAME's learner and stream settings from configs/tame/<stream>_digits.yaml."""
+def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = ROOT / "configs" / "tame" / f"{stream}_digits.yaml"
-    cfg = yaml.safe_load(path.read_text())
+    if not path.is_file():
+        raise SystemExit(f"compare.py: no config file at {str(path)!r}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def stream_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The stream to compare on: `split`/`permuted` (digits, as in the TAME digits configs), a
+    config file (its `data.stream`), or a stream class path with `--stream-args`."""
+    import yaml
+
+    if args.stream in SHORTCUTS:
+        path = ROOT / "configs" / "tame" / f"{args.stream}_digits.yaml"
+        stream = _read_yaml(path)["data"]["stream"]
+        params = dict(stream["init_args"])
+        if args.stream == "permuted":
+            params["n_segments"] = args.n_segments
+        label = args.stream
+    elif args.stream.endswith((".yaml", ".yml")):
+        path = Path(args.stream)
+        stream = (_read_yaml(path).get("data") or {}).get("stream")
+        if not isinstance(stream, dict) or "class_path" not in stream:
+            raise SystemExit(f"compare.py: {args.stream} has no data.stream.class_path")
+        params = dict(stream.get("init_args") or {})
+        label = path.stem
+    else:
+        stream = {"class_path": args.stream}
+        params = {}
+        label = args.stream.rsplit(".", 1)[-1].lower()
+    extra = yaml.safe_load(args.stream_args) if args.stream_args else {}
+    if not isinstance(extra, dict):
+        raise SystemExit(f"--stream-args: expected a mapping, got {args.stream_args!r}")
+    params |= extra
+    class_path = stream["class_path"]
+    if "." not in class_path:
+        class_path = f"adaptlab.streams.{class_path}"
+    if params.get("source") not in (None, "digits"):
+        from adaptlab.streams.sources import source_name
+
+        name = source_name(params["source"])
+        label = label if label.endswith(name) else f"{label}_{name}"
+    return {"class_path": class_path, "params": params, "label": args.name or label}
+
+
+def tame_config(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    """TAME's learner settings from `--tame-config` (default: the digits config of the same
+    stream kind), read here so they live in one place."""
+    default = "split" if spec["class_path"].endswith(".Split") else "permuted"
+    path = Path(args.tame_config) if args.tame_config else (
+        ROOT / "configs" / "tame" / f"{default}_digits.yaml")
+    cfg = _read_yaml(path)
+    try:
+        shown = str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        shown = str(path)
     return {
-        "path": str(path.relative_to(ROOT)),
+        "path": shown,
         "model": dict(cfg["model"]["init_args"]),
-        "stream_class": cfg["data"]["stream"]["class_path"],
-        "stream": dict(cfg["data"]["stream"]["init_args"]),
-        "batches_per_step": int(cfg["data"].get("batches_per_step", 50)),
+        "batches_per_step": int((cfg.get("data") or {}).get("batches_per_step", 50)),
     }
 
 
-def stream_params(args: argparse.Namespace, tcfg: dict[str, Any], seed: int, *,
+def stream_params(args: argparse.Namespace, spec: dict[str, Any], seed: int, *,
                   tame: bool = False, repeats: int | None = None) -> dict[str, Any]:
-    """The stream's parameters: TAME's config stream, with the baselines' labels and passes
-    where `tame` is false; `seed`, `--n-segments` and `--max-samples-per-segment` for all."""
-    p = dict(tcfg["stream"])
+    """The stream's parameters for one method: the same samples, seed and passes for all
+    (equal budget); on Split, TAME gets local labels (its protocol) and the baselines global
+    ones. `--tame-repeats` alone breaks the equal budget, and the caption says so."""
+    p = dict(spec["params"])
     p["seed"] = seed
-    if args.stream == "permuted":
-        p["n_segments"] = args.n_segments
     if args.max_samples_per_segment is not None:
         p["max_samples_per_segment"] = args.max_samples_per_segment
         p["test_samples_per_segment"] = args.max_samples_per_segment
-    if tame:
-        if args.tame_repeats is not None:
-            p["repeats"] = args.tame_repeats
-    else:
-        if "labels" in p:
-            p["labels"] = "global"  # class-incremental baselines
-        p["repeats"] = args.repeats
+    if spec["class_path"].endswith(".Split"):
+        p["labels"] = "local" if tame else "global"
+    p["repeats"] = args.repeats
+    if tame and args.tame_repeats is not None:
+        p["repeats"] = args.tame_repeats
     if repeats is not None:
         p["repeats"] = repeats
     return p
 
 
-def build_stream(tcfg: dict[str, Any], params: dict[str, Any]):
-    module, cls = tcfg["stream_class"].rsplit(".", 1)
+def build_stream(spec: dict[str, Any], params: dict[str, Any]):
+    module, cls = spec["class_path"].rsplit(".", 1)
     return getattr(importlib.import_module(module), cls)(**params).build()
+
+
+def tame_memory(args: argparse.Namespace, tcfg: dict[str, Any], stream) -> dict[str, int]:
+    """TAME's buffers within the baselines' memory M: the selector buffer C_s gets what the
+    per-expert retraining buffers (C_p per segment of the stream) leave."""
+    c_p = int(tcfg["model"].get("retrain_capacity", 20))
+    c_s = args.memory - c_p * len(stream.segments)
+    if c_s < stream.n_classes:
+        raise SystemExit(
+            f"--memory {args.memory}: too small for TAME on {len(stream.segments)} segments "
+            f"(retrain_capacity {c_p} each leaves {c_s} for the selector)"
+        )
+    return {"selector_capacity": c_s, "retrain_capacity": c_p}
 
 
 def mlp(stream, hidden: int, seed: int) -> torch.nn.Module:
@@ -147,6 +214,7 @@ def _annotate(run_dir: Path, info: dict[str, Any]) -> None:
 
 def run_native(name: str, stream, seed: int, run_dir: Path, args: argparse.Namespace,
                tcfg: dict[str, Any]) -> float:
+    """One adaptlab learner through a Lightning Trainer with the evaluator."""
     import pytorch_lightning as pl
 
     from adaptlab import strategies
@@ -157,7 +225,7 @@ def run_native(name: str, stream, seed: int, run_dir: Path, args: argparse.Names
     kw = {"input_shape": stream.input_shape, "n_classes": stream.n_classes,
           "batch_size": stream.batch_size, "seed": seed}
     if name == "TAME":
-        learner = strategies.TAME(**{**tcfg["model"], **kw})
+        learner = strategies.TAME(**{**tcfg["model"], **tame_memory(args, tcfg, stream), **kw})
         batches_per_step = tcfg["batches_per_step"]
     else:
         extra = {"memory_size": args.memory} if name == "Replay" else {}
@@ -217,14 +285,15 @@ def run_avalanche(name: str, stream, passes: int, seed: int, run_dir: Path,
 
 
 def run_all(args: argparse.Namespace, methods: list[tuple[str, str]]) -> list[Path]:
-    tcfg = tame_config(args.stream)
-    base = Path(args.out) / args.stream
+    spec = stream_spec(args)
+    tcfg = tame_config(args, spec)
+    base = Path(args.out) / spec["label"]
     dirs = []
     streams: dict[tuple[int, str], Any] = {}
 
     def get(seed: int, key: str, params: dict[str, Any]):
         if (seed, key) not in streams:
-            streams[seed, key] = build_stream(tcfg, params)
+            streams[seed, key] = build_stream(spec, params)
         return streams[seed, key]
 
     for seed in args.seeds:
@@ -234,12 +303,13 @@ def run_all(args: argparse.Namespace, methods: list[tuple[str, str]]) -> list[Pa
             run_dir.mkdir(parents=True)
             if backend == "adaptlab":
                 tame = name == "TAME"
-                params = stream_params(args, tcfg, seed, tame=tame)
+                params = stream_params(args, spec, seed, tame=tame)
                 stream = get(seed, "tame" if tame else "baseline", params)
                 secs = run_native(name, stream, seed, run_dir, args, tcfg)
                 settings: dict[str, Any] = {"passes": params["repeats"]}
                 if tame:
                     settings["config"] = tcfg["path"]
+                    settings |= tame_memory(args, tcfg, stream)
                 else:
                     settings |= {"hidden": args.hidden, "lr": args.lr}
                     if name == "Replay":
@@ -247,7 +317,7 @@ def run_all(args: argparse.Namespace, methods: list[tuple[str, str]]) -> list[Pa
             else:
                 # One pass per experience; Avalanche repeats it as `train_epochs` = passes, so
                 # memories hold distinct samples (the stream's passes repeat the same order).
-                params = stream_params(args, tcfg, seed, repeats=1)
+                params = stream_params(args, spec, seed, repeats=1)
                 stream = get(seed, "avalanche", params)
                 secs = run_avalanche(name, stream, args.repeats, seed, run_dir, args)
                 settings = {"passes": args.repeats, "train_epochs": args.repeats,
@@ -256,8 +326,9 @@ def run_all(args: argparse.Namespace, methods: list[tuple[str, str]]) -> list[Pa
                             **avalanche_kwargs(name, args, stream.batch_size)}
             _annotate(run_dir, {"method": label_of(backend, name), "backend": backend,
                                 "name": name, "seed": seed, "wall_s": secs,
+                                "input_shape": list(stream.input_shape),
                                 "stream_params": params, "settings": settings})
-            print(f"[compare] {args.stream} seed {seed} {label_of(backend, name)}: "
+            print(f"[compare] {spec['label']} seed {seed} {label_of(backend, name)}: "
                   f"{secs:.1f} s", file=sys.stderr, flush=True)
             dirs.append(run_dir)
     return dirs
@@ -356,7 +427,8 @@ def caption(rows: list[dict[str, Any]], seeds: list[int], args: argparse.Namespa
              f"(evaluations included), {torch.get_num_threads()} torch thread(s)."]
     s = base["info"].get("settings", {})
     if s.get("hidden") is not None:
-        parts.append(f"Baselines: MLP 64-{s['hidden']}-{st.get('n_classes', 'C')}, the same "
+        shape = "x".join(str(d) for d in base["info"].get("input_shape") or ["D"])
+        parts.append(f"Baselines: MLP {shape}-{s['hidden']}-{st.get('n_classes', 'C')}, the same "
                      f"seeded initialisation, SGD lr {s['lr']} (no momentum), "
                      f"{s['passes']} passes per segment, memory M = "
                      f"{args.memory if args is not None else '?'} samples.")
@@ -381,14 +453,20 @@ def caption(rows: list[dict[str, Any]], seeds: list[int], args: argparse.Namespa
     tame = [r for r in rows if r["experts"] is not None]
     if tame:
         info = tame[0]["info"]
-        sp = info.get("stream_params", {})
+        sp, ts = info.get("stream_params", {}), info.get("settings", {})
         parts.append(
-            f"TAME: task-free, settings from `{info.get('settings', {}).get('config', '?')}` "
-            f"({sp.get('repeats', '?')} passes per segment"
+            f"TAME: task-free, settings from `{ts.get('config', '?')}`, "
+            f"{sp.get('repeats', '?')} passes per segment"
             + (f", labels {sp['labels']}" if "labels" in sp else "")
-            + "); its first column is `acc_class_il` (routed to the right expert *and* right "
-            "label), its second `acc_task_inferred` (label right, expert as routed); "
-            "forgetting is over its own accuracy matrix.")
+            + f", memory: selector buffer {ts.get('selector_capacity', '?')} + "
+            f"{ts.get('retrain_capacity', '?')} retraining samples per expert "
+            f"(= M at one expert per segment), MLP experts; its first column is `acc_class_il` "
+            "(routed to the right expert *and* right label), its second `acc_task_inferred` "
+            "(label right, expert as routed); forgetting is over its own accuracy matrix.")
+        base_passes = s.get("passes") if s else None
+        if base_passes is not None and sp.get("repeats") != base_passes:
+            parts.append(f"**Unequal budget**: TAME had {sp.get('repeats')} passes per segment, "
+                         f"the baselines {base_passes}.")
     if st["kind"] == "split":
         parts.append("Within-task accuracy of the class-IL baselines is not in their "
                      "metrics.json (it needs outputs masked to the segment's classes): —.")
@@ -415,13 +493,21 @@ def tame_notes(tame: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stream", choices=["split", "permuted"], default="split")
+    ap.add_argument("--stream", default="split",
+                    help="split | permuted (digits), a config file (its data.stream), or a "
+                         "stream class path (with --stream-args)")
+    ap.add_argument("--stream-args", default=None,
+                    help="YAML mapping merged into the stream's init_args, e.g. "
+                         "'{source: signals, source_args: {noise: 2.0}}'")
+    ap.add_argument("--name", default=None, help="output folder name (default: from --stream)")
+    ap.add_argument("--tame-config", default=None,
+                    help="TAME's config (default: configs/tame/<split|permuted>_digits.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--n-segments", type=int, default=10, help="Permuted: segments")
     ap.add_argument("--repeats", type=int, default=5,
-                    help="passes per segment for the baselines (Avalanche: train_epochs)")
+                    help="passes per segment for every method (Avalanche: train_epochs)")
     ap.add_argument("--tame-repeats", type=int, default=None,
-                    help="TAME's passes per segment (default: its config's)")
+                    help="TAME's passes per segment if they must differ (unequal budget)")
     ap.add_argument("--memory", type=int, default=500, help="replay memory M (samples)")
     ap.add_argument("--hidden", type=int, default=128, help="baseline MLP hidden width")
     ap.add_argument("--lr", type=float, default=0.05, help="baseline SGD learning rate")
@@ -461,7 +547,7 @@ def _main(args: argparse.Namespace) -> str:
         print("[compare] Avalanche is not installed: skipping its strategies", file=sys.stderr)
         methods = [m for m in methods if m[0] != "avalanche"]
 
-    base = Path(args.out) / args.stream
+    base = Path(args.out) / stream_spec(args)["label"]
     if args.table_only:
         dirs = [base / f"seed{s}" / slug(b, n) for s in args.seeds for b, n in methods]
         dirs = [d for d in dirs if (d / "metrics.json").exists()]
