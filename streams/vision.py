@@ -38,11 +38,12 @@ def _require_images(builder: StreamBuilder, src: SourceData) -> None:
         )
 
 
-def _refuse_duplicates(option: str, classes: list[int]) -> None:
+def _refuse_duplicates(option: str, classes: list[int], hint: str = "") -> None:
     twice = sorted(c for c, n in Counter(int(c) for c in classes).items() if n > 1)
     if twice:
         raise ValueError(
-            f"{option}: classes {twice} appear more than once; each class belongs to one segment"
+            f"{option}: classes {twice} appear more than once; each class belongs to one "
+            f"segment{hint}"
         )
 
 
@@ -96,7 +97,9 @@ class Split(StreamBuilder):
         for g in groups:
             _refuse_duplicates("segments (one group)", g)
         if self.shared_classes == "refuse":
-            _refuse_duplicates("segments", [c for g in groups for c in g])
+            _refuse_duplicates("segments", [c for g in groups for c in g],
+                               " (`shared_classes: partition` deals a shared class's samples "
+                               "between its segments)")
             if not g:
                 raise ValueError("segments: an empty class group makes an empty segment")
             missing = [c for c in g if not 0 <= int(c) < n_classes]

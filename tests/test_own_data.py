@@ -243,6 +243,21 @@ def test_bad_options_are_one_line(extra, message, tmp_path, capsys) -> None:
     assert "Traceback" not in "\n".join(err)
 
 
+def test_loader_arguments_it_does_not_take(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "my_data.py").write_text(
+        "def load_waves(noise=0.5):\n    raise AssertionError('not called')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs/finetune/split_digits.yaml"),
+              "--data.stream.init_args.source", "my_data:load_waves",
+              "--data.stream.init_args.source_args", "{bogus: 1}",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1
+    assert err[-1] == ("adaptlab: error: source_args: load_waves() got an unexpected keyword "
+                       "argument 'bogus' (source 'my_data:load_waves')")
+
+
 def test_rotated_refuses_non_images() -> None:
     from adaptlab.streams import Rotated
 

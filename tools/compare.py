@@ -395,7 +395,7 @@ def build_table(run_dirs: list[Path], args: argparse.Namespace) -> str:
         by_method.setdefault(r["method"], []).append(r)
     seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
     lines = [caption(rows, seeds, args), "",
-             "| method | final avg acc (class-IL) | within-task acc | forgetting (Chaudhry) "
+             "| method | final avg acc (class-IL) | task-inferred acc | forgetting (Chaudhry) "
              "| experts | non-zero params | wall time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in order:
