@@ -175,13 +175,20 @@ def test_registered_and_entry_point_names_are_listed() -> None:
 
 
 BAD = [
-    ("labels as floats", {"y_train": "float"}, "labels must be integer class ids, got float64"),
-    ("NaN", {"x_train": "nan"}, "NaN or inf at sample 3"),
-    ("label out of range", {"n_classes": 5}, "labels span [0, 9], expected [0, 5)"),
-    ("negative label", {"y_test": "negative"}, "label -1 is negative"),
-    ("shape mismatch", {"x_test": "short"}, "train samples are (40,) but test samples are (39,)"),
+    ("labels as floats", {"y_train": "float"},
+     "y_train: labels must be integer class ids, got float64 (if they are whole numbers, cast "
+     "them: y.astype(int))"),
+    ("NaN", {"x_train": "nan"},
+     "x_train: NaN or inf at sample 3 (after the cast to float32); clean or drop those samples"),
+    ("label out of range", {"n_classes": 5}, "y_train labels span [0, 9], expected [0, 5)"),
+    ("negative label", {"y_test": "negative"},
+     "y_test: label -1 is negative; class ids run from 0 to n_classes - 1"),
+    ("shape mismatch", {"x_test": "short"},
+     "train samples are (40,) but test samples are (39,); both splits need one sample shape"),
     ("empty split", {"x_test": "empty"}, "the test split is empty"),
-    ("one feature, no axis", {"x_train": "flat"}, "has no sample axis"),
+    ("one feature, no axis", {"x_train": "flat"},
+     "x_train: shape (70,) has no sample axis; samples are rows: (N, D) features, (N, C, L) "
+     "sequences or (N, C, H, W) images (one feature per sample: reshape to (N, 1))"),
 ]
 
 
@@ -216,7 +223,7 @@ def test_bad_data_is_one_line_through_the_cli(what, change, message, tmp_path, c
               "--trainer.logger.init_args.save_dir", str(logs)])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 1
-    assert err[-1].startswith("adaptlab: error: source 'bad': ") and message in err[-1], err
+    assert err[-1] == f"adaptlab: error: source 'bad': {message}", err
     assert "Traceback" not in "\n".join(err)
     assert not logs.exists() or not any(logs.rglob("metrics.json"))  # nothing half-written
 
@@ -274,3 +281,28 @@ def test_readme_snippets_run(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_custom_stream_class_from_the_current_folder(tmp_path, monkeypatch, capsys) -> None:
+    """`class_path: my_streams.Halves` names a StreamBuilder subclass in the folder the command
+    runs from, with no PYTHONPATH set."""
+    (tmp_path / "my_streams.py").write_text(
+        "from adaptlab.streams import SegmentData, StreamBuilder\n\n\n"
+        "class Halves(StreamBuilder):\n"
+        "    kind = 'halves'\n\n"
+        "    def _make_segments(self, src):\n"
+        "        out = []\n"
+        "        for s, keep in enumerate((lambda y: y < 5, lambda y: y >= 5)):\n"
+        "            tr, te = keep(src.y_train), keep(src.y_test)\n"
+        "            out.append(SegmentData(f'half_{s}', 'halves', {}, src.x_train[tr],\n"
+        "                                   src.y_train[tr], src.x_test[te], src.y_test[te]))\n"
+        "        return out\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".")])
+    main(["fit", "--config", str(ROOT / "configs/finetune/split_digits.yaml"),
+          "--data.stream", "my_streams.Halves", "--data.stream.init_args.batch_size", "10",
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+          "--evaluator.print_table", "false", "--progress_bar.refresh_rate", "0"])
+    doc = json.loads(next((tmp_path / "logs").rglob("metrics.json")).read_text())
+    assert doc["status"] == "completed" and doc["stream"]["name"] == "halves_digits"
+    assert len(doc["accuracy_matrix"]["columns"]) == 2
