@@ -11,8 +11,22 @@ A caller refreshes tau of the channel it watches *before* appending the new loss
 (`refresh_threshold`), asks `candidate` for the EWMA the new loss would give, decides with
 `fired`, and only then `commit`s the loss to the one channel that trained on it. Inactive
 channels keep a frozen tau, which is what lets TAME recognise a recurring segment.
-`test="welch"` swaps the threshold for a one-sided Welch t-test of the recent losses against
-the rest of the window. All state is in tensors, so a checkpoint restores it exactly.
+Other rules (`test`), for losses too noisy for mu + 3 sigma of the raw loss (spec §2):
+
+    chart        EWMA control chart (Roberts 1959): the EWMA's own spread is
+                 sigma * sqrt(alpha / (2 - alpha)), so tau = mu + n_sigma * that. The paper's rule
+                 compares a smoothed value with the raw loss's sigma and needs a shift of about
+                 3 sigma; the chart sees about 1.5 sigma.
+    welch        one-sided Welch t-test, recent losses > the rest of the window (scipy)
+    mannwhitney  one-sided Mann-Whitney U test of the same samples (rank-based: skewed,
+                 heavy-tailed per-batch losses are fine)
+    ks           one-sided two-sample Kolmogorov-Smirnov test (any change of distribution
+                 towards larger losses)
+
+The two-sample tests fire when p < `p_value`; "recent" is the last `recent` losses (the new
+one included), the reference the rest of the window. Their `tau` is the one-batch bound
+mu + n_sigma * sigma, used to recognise an old expert from a single batch (`recognises`).
+All state is in tensors, so a checkpoint restores it exactly.
 """
 
 from __future__ import annotations
@@ -20,26 +34,34 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from scipy import stats
 from torch import nn
 
-TESTS = ("threshold", "welch")
+TESTS = ("threshold", "chart", "welch", "mannwhitney", "ks")
+TWO_SAMPLE = ("welch", "mannwhitney", "ks")
+# Per-test defaults (chosen on constructed sequences, `tools/detect_report.py`): n_sigma
+# (threshold: the paper's 3; chart: wide enough for no false alarm in 5,000 stationary steps)
+# and the two-sample tests' p-value (one test per step, so far below the usual 0.01).
+DEFAULT_N_SIGMA = {"threshold": 3.0, "chart": 5.0}
+DEFAULT_P_VALUE = {"welch": 1e-4, "mannwhitney": 1e-4, "ks": 1e-4}
 CHAINS = ("own", "all")
 
 
 class ShiftDetector(nn.Module):
-    """Multi-channel EWMA-vs-window shift detector.
+    """Multi-channel loss-statistics shift detector.
 
     Args:
         window: W, losses kept per channel (the seed counts as one until W appends push it out).
         alpha: EWMA smoothing; 1 means no smoothing (noise then crosses tau).
-        n_sigma: tau = mu + n_sigma * max(sigma, sigma_floor).
+        n_sigma: tau = mu + n_sigma * max(sigma, sigma_floor) (`chart`: times the EWMA factor
+            sqrt(alpha / (2 - alpha))); None takes the test's default (`DEFAULT_N_SIGMA`, 3).
         sigma_floor: lower bound on sigma, so a flat window cannot make tau equal mu.
         grace: a channel cannot fire before it has committed this many losses.
-        test: `threshold` (the rule above) or `welch` (scipy one-sided Welch t-test).
-        welch_recent: losses in the recent sample of the Welch test (incl. the new one).
-        welch_p: the Welch test fires below this p-value.
+        test: `threshold` (the paper's rule), `chart`, `welch`, `mannwhitney` or `ks`.
+        recent: losses in the recent sample of the two-sample tests (incl. the new one).
+        p_value: the two-sample tests fire below this p-value; None takes the test's default.
         chain: `own` (EWMA over the channel's own commits) or `all` (an extra EWMA chain,
             `s_all`, advanced on every batch for every channel: TAME's reference code).
     """
@@ -48,12 +70,12 @@ class ShiftDetector(nn.Module):
         self,
         window: int = 100,
         alpha: float = 0.2,
-        n_sigma: float = 3.0,
+        n_sigma: float | None = None,
         sigma_floor: float = 0.005,
         grace: int = 20,
         test: str = "threshold",
-        welch_recent: int = 10,
-        welch_p: float = 0.01,
+        recent: int = 10,
+        p_value: float | None = None,
         chain: str = "own",
     ) -> None:
         super().__init__()
@@ -67,11 +89,17 @@ class ShiftDetector(nn.Module):
             raise ValueError(f"test: {test!r} is not one of {TESTS}")
         if chain not in CHAINS:
             raise ValueError(f"chain: {chain!r} is not one of {CHAINS}")
-        if test == "welch" and not 2 <= welch_recent < window:
-            raise ValueError(f"welch_recent: must be in [2, window), got {welch_recent!r}")
-        self.W, self.alpha, self.n_sigma, self.sigma_floor = window, alpha, n_sigma, sigma_floor
+        if test in TWO_SAMPLE and not 2 <= recent < window:
+            raise ValueError(f"recent: must be in [2, window), got {recent!r}")
+        p_value = DEFAULT_P_VALUE.get(test, 0.01) if p_value is None else p_value
+        if not 0 < p_value < 1:
+            raise ValueError(f"p_value: must be in (0, 1), got {p_value!r}")
+        self.W, self.alpha, self.sigma_floor = window, alpha, sigma_floor
+        self.n_sigma = DEFAULT_N_SIGMA.get(test, 3.0) if n_sigma is None else float(n_sigma)
         self.grace, self.test, self.chain = grace, test, chain
-        self.welch_recent, self.welch_p = welch_recent, welch_p
+        self.recent, self.p_value = recent, p_value
+        # tau's sigma multiplier: the EWMA's stationary spread for the control chart
+        self._spread = math.sqrt(alpha / (2 - alpha)) if test == "chart" else 1.0
         f32 = torch.float32
         self.register_buffer("window", torch.zeros(0, window, dtype=f32))
         self.register_buffer("count", torch.zeros(0, dtype=torch.long))  # valid entries <= W
@@ -125,13 +153,15 @@ class ShiftDetector(nn.Module):
         return torch.roll(self.window[k], -h)
 
     def refresh_threshold(self, k: int) -> None:
-        """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std)."""
+        """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std; `chart`:
+        sigma scaled to the EWMA's spread)."""
         valid = torch.arange(self.W, device=self.window.device) < self.count[k]
         w = self.window[k]
         n = self.count[k].to(w.dtype)
         mu = (w * valid).sum() / n
         var = (((w - mu) * valid) ** 2).sum() / n
-        self.tau[k] = mu + self.n_sigma * torch.clamp(var.sqrt(), min=self.sigma_floor)
+        sigma = torch.clamp(var.sqrt(), min=self.sigma_floor)
+        self.tau[k] = mu + self.n_sigma * self._spread * sigma
 
     def candidate(self, loss: torch.Tensor) -> torch.Tensor:
         """EWMA each channel would have after `loss[K]` (the loss itself where none yet)."""
@@ -150,17 +180,47 @@ class ShiftDetector(nn.Module):
 
     def exceeds(self, k: int, c: float, loss: float | None = None) -> bool:
         """The test itself, without grace: does candidate `c` (raw `loss`) reject channel k?"""
-        if self.test == "threshold":
+        if self.test not in TWO_SAMPLE:
             return c > float(self.tau[k])
         if loss is None:
-            raise ValueError("ShiftDetector(test='welch') needs the raw loss: fired(k, c, loss)")
+            raise ValueError(f"ShiftDetector(test={self.test!r}) needs the raw loss: "
+                             "fired(k, c, loss)")
         hist = self._entries(k).double().cpu().numpy()
-        recent = list(hist[len(hist) - (self.welch_recent - 1):]) + [float(loss)]
-        ref = hist[: len(hist) - (self.welch_recent - 1)]
+        cut = len(hist) - (self.recent - 1)
+        recent = np.append(hist[cut:], float(loss))
+        ref = hist[:cut]
         if len(ref) < 2:
             return False
-        p = stats.ttest_ind(recent, ref, equal_var=False, alternative="greater").pvalue
-        return bool(p < self.welch_p)
+        return bool(self._p_value(recent, ref) < self.p_value)
+
+    def _p_value(self, recent: np.ndarray, ref: np.ndarray) -> float:
+        """One-sided p-value of "recent losses are larger than the reference" (scipy)."""
+        if self.test == "welch":
+            p = stats.ttest_ind(recent, ref, equal_var=False, alternative="greater").pvalue
+        elif self.test == "mannwhitney":
+            p = stats.mannwhitneyu(recent, ref, alternative="greater").pvalue
+        else:  # ks: "less" = recent's CDF lies below the reference's, i.e. larger losses
+            p = stats.ks_2samp(recent, ref, alternative="less").pvalue
+        return 1.0 if math.isnan(p) else float(p)  # constant samples: no evidence
+
+    def recognises(self, c: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """[K] bool from candidates `c` and raw `loss` [K]: does this one batch fit each
+        channel's (frozen) state?
+        Threshold rules: the candidate EWMA stays under tau; two-sample tests (which need
+        several batches): the raw loss stays under the one-batch bound mu + n_sigma * sigma."""
+        value = loss.to(self.tau.dtype) if self.test in TWO_SAMPLE else c
+        return value < self.tau
+
+    def plateaued(self, k: int, p: float = 0.05) -> bool:
+        """Channel k's loss has stopped falling: its window is full and the newer half is not
+        lower than the older half (one-sided Mann-Whitney, p >= `p`). Used to hold pruning
+        until an expert has converged."""
+        if int(self.count[k]) < self.W:
+            return False
+        hist = self._entries(k).double().cpu().numpy()
+        half = self.W // 2
+        res = stats.mannwhitneyu(hist[:half], hist[half:], alternative="greater")
+        return bool(not res.pvalue < p)
 
     def fired(self, k: int, c: float | torch.Tensor, loss: float | None = None) -> bool:
         """Shift on channel k: the test rejects and k is past its grace period."""

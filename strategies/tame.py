@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state
 
 from adaptlab.buffers import BottomKBuffer
-from adaptlab.detect import ShiftDetector
+from adaptlab.detect import TWO_SAMPLE, ShiftDetector
 from adaptlab.learner import StreamLearner
 from adaptlab.models import build_model
 
@@ -413,17 +413,14 @@ class DecisionCore:
         """An old expert (not `a`) whose candidate EWMA passes its own frozen threshold:
         the first in creation order, or the one furthest under (`min_margin`)."""
         det = self.detector
-        if det.test == "threshold":
-            ok = c < det.tau
-        else:
-            ok = torch.tensor([not det.exceeds(k, float(c[k]), float(L[k]))
-                               for k in range(len(c))], device=c.device)
+        ok = det.recognises(c, L)
         ok[a] = False
         if not bool(ok.any()):
             return None
         if self.recognition == "first_fit":
             return int(torch.nonzero(ok)[0])
-        margin = torch.where(ok, c - det.tau, torch.full_like(c, math.inf))
+        value = L.to(c.dtype) if det.test in TWO_SAMPLE else c
+        margin = torch.where(ok, value - det.tau, torch.full_like(c, math.inf))
         return int(torch.argmin(margin))
 
 
@@ -456,7 +453,7 @@ class TAME(StreamLearner):
         steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs: per-expert MultiStep LR over
             expert-epochs of `steps_per_epoch` steps ([C]); `None` keeps the LR constant.
         expert_output: `sigmoid` (CE of sigmoid outputs, [P,C]) or `logits`.
-        window, alpha, n_sigma, sigma_floor, grace_steps, test, welch_recent, welch_p:
+        window, alpha, n_sigma, sigma_floor, grace_steps, test, recent, p_value:
             the `ShiftDetector`.
         ewma_chain: `own` (trigger on the expert's own EWMA) or `all` ([C]'s every-batch chain).
         recognition: `first_fit` ([C]) or `min_margin` (the old expert furthest under tau).
@@ -492,12 +489,12 @@ class TAME(StreamLearner):
         expert_output: str = "sigmoid",
         window: int = 100,
         alpha: float = 0.2,
-        n_sigma: float = 3.0,
+        n_sigma: float | None = None,
         sigma_floor: float = 0.005,
         grace_steps: int = 20,
         test: str = "threshold",
-        welch_recent: int = 10,
-        welch_p: float = 0.01,
+        recent: int = 10,
+        p_value: float | None = None,
         ewma_chain: str = "own",
         recognition: str = "first_fit",
         eval_experts: str = "all",
@@ -587,7 +584,7 @@ class TAME(StreamLearner):
         self.pool = ExpertPool(output=expert_output)
         self.detector = ShiftDetector(
             window=window, alpha=alpha, n_sigma=n_sigma, sigma_floor=sigma_floor,
-            grace=grace_steps, test=test, welch_recent=welch_recent, welch_p=welch_p,
+            grace=grace_steps, test=test, recent=recent, p_value=p_value,
             chain=ewma_chain,
         )
         self.core = DecisionCore(self.detector, self.ln_c, recognition, eval_experts)

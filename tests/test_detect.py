@@ -1,15 +1,22 @@
 """`ShiftDetector` (spec tame.md §2, §11 tests 1, 3, 4): the threshold rule, EWMA, grace,
-stationary noise, the Welch alternative, and checkpointing across a change in channels."""
+stationary noise, every rule on constructed loss sequences (the shift size each claims, at the
+noise levels it claims; no firing in 5,000 stationary steps), plateau, and checkpointing across
+a change in channels."""
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from adaptlab.detect import ShiftDetector
+from adaptlab.detect import TESTS, ShiftDetector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from detect_report import SIGMAS, constructed_losses, firings  # noqa: E402
 
 LN2 = math.log(2)
 
@@ -100,7 +107,7 @@ def test_update_single_signal_fires_once_on_a_step() -> None:
 
 def test_welch_test_detects_a_step_and_not_noise() -> None:
     rng = np.random.default_rng(2)
-    det = ShiftDetector(window=100, test="welch", welch_p=1e-3)
+    det = ShiftDetector(window=100, test="welch", p_value=1e-3)
     det.add_channel(0.5)
     assert run(det, rng.normal(0.5, 0.05, 300)) == 0
     fired = []
@@ -125,6 +132,79 @@ def test_state_dict_resizes_to_saved_channels() -> None:
 
 def test_bad_options_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="test"):
-        ShiftDetector(test="ks")
+        ShiftDetector(test="cusum")
     with pytest.raises(ValueError, match="alpha"):
         ShiftDetector(alpha=0)
+    with pytest.raises(ValueError, match="recent"):
+        ShiftDetector(test="mannwhitney", window=10, recent=10)
+    with pytest.raises(ValueError, match="p_value"):
+        ShiftDetector(test="ks", p_value=0)
+
+
+# --------------------------------------------------------------------------- every rule
+# Each rule's claim: a shift of `shift` noise sds (on a loss level of 0.5, gamma noise) is
+# found within `delay` steps at every noise sd in `sigmas`. The paper's rule compares the EWMA
+# with the raw loss's sigma, and its window takes in the post-shift losses before the EWMA
+# catches up, so it needs a very large shift; the others see 2-3 sds.
+CLAIMS = {
+    "threshold": (25.0, (0.02, 0.1), 5),
+    "chart": (3.0, SIGMAS, 15),
+    "welch": (3.0, SIGMAS, 20),
+    "mannwhitney": (2.0, SIGMAS, 15),
+    "ks": (2.0, SIGMAS, 20),
+}
+SHIFT_AT = 300
+
+
+def test_every_rule_has_a_claim() -> None:
+    assert set(CLAIMS) == set(TESTS)
+
+
+@pytest.mark.parametrize("test", TESTS)
+def test_rule_finds_its_claimed_shift_at_every_claimed_noise_level(test: str) -> None:
+    shift, sigmas, delay = CLAIMS[test]
+    for sigma in sigmas:
+        for seed in range(5):
+            losses = constructed_losses(SHIFT_AT + 50, sigma, shift, SHIFT_AT, seed=seed)
+            fired = firings(ShiftDetector(test=test), losses)
+            assert fired, (test, sigma, seed)
+            assert SHIFT_AT <= fired[0] <= SHIFT_AT + delay, (test, sigma, seed, fired)
+
+
+@pytest.mark.parametrize("test", TESTS)
+def test_rule_is_silent_on_long_stationary_noise(test: str) -> None:
+    sigma = max(CLAIMS[test][1])  # the noisiest level the rule claims (the most skewed)
+    assert firings(ShiftDetector(test=test), constructed_losses(5000, sigma, seed=7)) == []
+
+
+def test_paper_rule_misses_a_three_sd_shift_that_the_others_find() -> None:
+    """Why the other rules exist: on noisy losses mu + 3 sigma of the raw loss never fires."""
+    losses = constructed_losses(SHIFT_AT + 50, 0.25, 3.0, SHIFT_AT, seed=0)
+    assert firings(ShiftDetector(test="threshold"), losses) == []
+    assert firings(ShiftDetector(test="mannwhitney"), losses)
+
+
+@pytest.mark.parametrize("test", ["mannwhitney", "ks", "welch"])
+def test_two_sample_recognition_is_a_one_batch_bound(test: str) -> None:
+    det = ShiftDetector(window=20, test=test)
+    det.add_channel(0.5)
+    for v in np.random.default_rng(0).normal(0.5, 0.05, 30):
+        det.commit(0, float(v))
+    det.refresh_threshold(0)
+    tau = float(det.tau[0])
+    c = det.candidate(torch.tensor([0.0]))
+    assert bool(det.recognises(c, torch.tensor([tau - 0.01]))[0])
+    assert not bool(det.recognises(c, torch.tensor([tau + 0.01]))[0])
+
+
+def test_plateau_waits_for_the_loss_to_stop_falling() -> None:
+    det = ShiftDetector(window=50)
+    det.add_channel(LN2)
+    rng = np.random.default_rng(0)
+    falling = 0.3 + 0.4 * np.exp(-np.arange(60) / 40) + rng.normal(0, 0.02, 60)
+    for v in falling:
+        det.commit(0, float(v))
+    assert not det.plateaued(0)
+    for v in rng.normal(0.3, 0.02, 50):
+        det.commit(0, float(v))
+    assert det.plateaued(0)
