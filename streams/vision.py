@@ -100,6 +100,7 @@ class Split(StreamBuilder):
             _refuse_duplicates("segments", [c for g in groups for c in g],
                                " (`shared_classes: partition` deals a shared class's samples "
                                "between its segments)")
+        for g in groups:
             if not g:
                 raise ValueError("segments: an empty class group makes an empty segment")
             missing = [c for c in g if not 0 <= int(c) < n_classes]
