@@ -106,6 +106,10 @@ class ShiftDetector(nn.Module):
         self.register_buffer("head", torch.zeros(0, dtype=torch.long))  # next slot to write
         self.register_buffer("sbar", torch.zeros(0, dtype=f32))  # NaN = no EWMA yet
         self.register_buffer("s_all", torch.zeros(0, dtype=f32))
+        # every channel's loss on the last `recent // 2` batches (NaN: not evaluated), for
+        # the two-sample tests' recognition of an old expert
+        self.register_buffer("last", torch.zeros(0, max(recent // 2, 1), dtype=f32))
+        self.register_buffer("mu", torch.zeros(0, dtype=f32))
         self.register_buffer("tau", torch.zeros(0, dtype=f32))
         self.register_buffer("steps", torch.zeros(0, dtype=torch.long))
         self.register_buffer("seed_value", torch.zeros(0, dtype=f32))
@@ -127,6 +131,9 @@ class ShiftDetector(nn.Module):
         self.head = torch.cat([self.head, one])
         self.sbar = torch.cat([self.sbar, nan])
         self.s_all = torch.cat([self.s_all, nan])
+        self.last = torch.cat([self.last, torch.full((1, self.last.shape[1]), math.nan,
+                                                     device=dev)])
+        self.mu = torch.cat([self.mu, torch.zeros(1, device=dev)])
         self.tau = torch.cat([self.tau, torch.zeros(1, device=dev)])
         self.steps = torch.cat([self.steps, torch.zeros_like(one)])
         self.seed_value = torch.cat([self.seed_value, torch.full((1,), float(seed), device=dev)])
@@ -142,25 +149,27 @@ class ShiftDetector(nn.Module):
         self.count[k], self.head[k], self.steps[k] = 1, 1, 0
         self.sbar[k] = math.nan
         self.s_all[k] = math.nan
+        self.last[k] = math.nan
         self.refresh_threshold(k)
 
     # -- the rule -----------------------------------------------------------------------------
+    def _slots(self, k: int) -> torch.Tensor:
+        """Indices of channel k's entries in its circular window, oldest first."""
+        n, h = self.count[k], self.head[k]
+        return (h - n + torch.arange(int(n), device=self.window.device)) % self.W
+
     def _entries(self, k: int) -> torch.Tensor:
         """Channel k's window in arrival order (oldest first)."""
-        n, h = int(self.count[k]), int(self.head[k])
-        if n < self.W:
-            return self.window[k, :n]
-        return torch.roll(self.window[k], -h)
+        return self.window[k, self._slots(k)]
 
     def refresh_threshold(self, k: int) -> None:
         """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std; `chart`:
         sigma scaled to the EWMA's spread)."""
-        valid = torch.arange(self.W, device=self.window.device) < self.count[k]
-        w = self.window[k]
-        n = self.count[k].to(w.dtype)
-        mu = (w * valid).sum() / n
-        var = (((w - mu) * valid) ** 2).sum() / n
+        w = self._entries(k)
+        mu = w.mean()
+        var = ((w - mu) ** 2).mean()
         sigma = torch.clamp(var.sqrt(), min=self.sigma_floor)
+        self.mu[k] = mu
         self.tau[k] = mu + self.n_sigma * self._spread * sigma
 
     def candidate(self, loss: torch.Tensor) -> torch.Tensor:
@@ -204,12 +213,17 @@ class ShiftDetector(nn.Module):
         return 1.0 if math.isnan(p) else float(p)  # constant samples: no evidence
 
     def recognises(self, c: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """[K] bool from candidates `c` and raw `loss` [K]: does this one batch fit each
-        channel's (frozen) state?
-        Threshold rules: the candidate EWMA stays under tau; two-sample tests (which need
-        several batches): the raw loss stays under the one-batch bound mu + n_sigma * sigma."""
-        value = loss.to(self.tau.dtype) if self.test in TWO_SAMPLE else c
-        return value < self.tau
+        """[K] bool from candidates `c` and raw `loss` [K]: does this batch fit each channel's
+        (frozen) state? Threshold rules: the candidate EWMA stays under tau. Two-sample tests
+        (whose firing took several post-shift batches): the mean of the channel's losses on
+        the last `recent // 2` batches and this one stays under mu + n_sigma * sigma / sqrt(n),
+        n the losses averaged (one batch where only the active expert was evaluated)."""
+        if self.test not in TWO_SAMPLE:
+            return c < self.tau
+        seen = torch.cat([self.last[:, 1:], loss.to(self.last.dtype).unsqueeze(1)], 1)
+        n = (~torch.isnan(seen)).sum(1).clamp(min=1)
+        mean = torch.nan_to_num(seen).sum(1) / n
+        return mean < self.mu + (self.tau - self.mu) / n.to(self.mu.dtype).sqrt()
 
     def plateaued(self, k: int, p: float = 0.05) -> bool:
         """Channel k's loss has stopped falling: its window is full and the newer half is not
@@ -239,11 +253,25 @@ class ShiftDetector(nn.Module):
         self.count[k] = torch.clamp(self.count[k] + 1, max=self.W)
         self.steps[k] += 1
 
+    def retract(self, k: int) -> None:
+        """After channel k fired: the two-sample tests drop the `recent - 1` losses the
+        detection was made on, which came from the new segment, so that k, if it returns,
+        starts from its own losses and does not fire again at once. The threshold rules keep
+        them (the paper's EWMA and window also carry them)."""
+        if self.test not in TWO_SAMPLE:
+            return
+        drop = min(self.recent - 1, int(self.count[k]) - 1)
+        self.count[k] -= drop
+        self.head[k] = (self.head[k] - drop) % self.W
+
     def advance_all(self, loss: torch.Tensor) -> None:
-        """`chain="all"`: advance every channel's `s_all` with this batch's losses."""
+        """Every batch, every channel's loss on it (NaN where not evaluated): `chain="all"`
+        advances `s_all`; the two-sample tests keep the last few for recognition."""
+        loss = loss.to(self.s_all.dtype)
+        if self.test in TWO_SAMPLE:
+            self.last = torch.cat([self.last[:, 1:], loss.unsqueeze(1)], 1)
         if self.chain != "all":
             return
-        loss = loss.to(self.s_all.dtype)
         self.s_all = torch.where(torch.isnan(self.s_all), loss,
                                  self.alpha * loss + (1 - self.alpha) * self.s_all)
 

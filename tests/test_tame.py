@@ -248,7 +248,7 @@ def test_batched_and_looped_losses_agree(kind: str) -> None:
 
 GRADUAL = {"input_shape": (1, 8, 8), "n_classes": 10, "batch_size": 10, "prune_when": "gradual",
            "prune_experts": 0.9, "prune_steps": 30, "prune_every": 4, "retrain_capacity": 0,
-           "backbone": "mlp", "backbone_args": {"hidden": [32]}}
+           "backbone": "mlp", "backbone_args": {"hidden": [32]}, "prune_start": "spawn"}
 
 
 def _gradual_steps(learner: TAME, k: int, n: int, seed: int = 0) -> list[int]:
@@ -277,6 +277,47 @@ def test_gradual_schedule_is_monotone_and_exact() -> None:
         assert (p[~m] == 0).all()
         assert (learner.optimizers_[0].state[p]["momentum_buffer"][~m] == 0).all()
     assert learner.expert_steps == [40]
+
+
+def test_gradual_pruning_waits_for_the_plateau() -> None:
+    learner = TAME(**{**GRADUAL, "prune_start": "plateau", "window": 20})
+    learner._fast_update = True
+    counts = _gradual_steps(learner, 0, 12)  # no losses committed: the window is not full
+    assert counts == [0] * 12 and learner.prune_start == [-1]
+    for _ in range(20):  # a flat loss: plateaued
+        learner.detector.commit(0, 0.3)
+    counts = _gradual_steps(learner, 0, 20)
+    assert learner.prune_start == [16]  # the first check (every prune_every = 4) after
+    assert counts[3] == 0 and counts[-1] > 0
+
+
+def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return x, (x.flatten(1)[:, :5].sum(1) > 0).long()
+
+
+@pytest.mark.parametrize("tolerance", [None, 0.0])
+def test_pruning_backs_off_when_it_would_destroy_the_expert(tolerance) -> None:
+    kw = {"input_shape": (1, 8, 8), "n_classes": 2, "batch_size": 10, "backbone": "mlp",
+          "backbone_args": {"hidden": [16]}, "retrain_capacity": 200, "retrain_epochs": 30,
+          "prune_experts": 0.995, "prune_tolerance": tolerance}
+    learner = TAME(**kw)
+    x, y = _separable(200, 0)
+    learner.retrain_buffers[0].add(x, y)
+    expert = learner.pool.experts[0]
+    from adaptlab.strategies.tame import _fit
+    _fit(expert, x, y, epochs=30, lr=0.05, momentum=0.9, weight_decay=0, batch_size=20,
+         output="logits", gen=torch.Generator().manual_seed(0))
+    n = sum(p.numel() for p, _ in learner.pool.masked_params(0))
+    learner._prune_and_retrain(0)
+    zeros = sum(int((~m).sum()) for _, m in learner.pool.masked_params(0))
+    xt, yt = _separable(500, 1)
+    acc = float((expert(xt).argmax(-1) == yt).float().mean())
+    if tolerance is None:  # no check: exactly the asked-for sparsity, and a broken expert
+        assert zeros == round(0.995 * n) and acc < 0.8
+    else:  # backed off to fewer pruned weights; the expert still works
+        assert zeros < round(0.995 * n) and acc > 0.85
 
 
 def test_gradual_masks_survive_a_checkpoint_round_trip() -> None:
@@ -334,6 +375,11 @@ class SaveAndCrash(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
+# configs/tame/*_digits.yaml: the reference code's choices; `FROZEN` takes TAME's own defaults
+PAPER = {"expert_output": "sigmoid", "lr": 0.1, "test": "threshold"}
+FROZEN = {"expert_output": "logits", "lr": 0.01, "test": "mannwhitney"}
+
+
 def _fit_doc(
     tmp_path: Path, order: list[int] | None = None, crash_at: int | None = None,
     ckpt_path: str | None = None, **tame_kw,
@@ -343,6 +389,7 @@ def _fit_doc(
     stream = split(source="digits", labels="local", batch_size=10, repeats=10, order=order,
                    seed=0)
     dm = StreamDataModule(stream, batches_per_step=10)
+    tame_kw = {**PAPER, **tame_kw}
     learner = TAME(**learner_kwargs(
         stream, backbone="mlp", backbone_args={"hidden": [64]}, selector_capacity=300,
         retrain_capacity=20, prune_experts=0.9, prune_selector=0.7, **tame_kw))
@@ -367,6 +414,19 @@ def test_split_digits_finds_five_experts(split_run) -> None:
     assert final["learner"]["acc_task_oracle"] >= final["learner"]["acc_task_inferred"] - 0.02
     assert final["learner"]["acc_class_il"] <= final["learner"]["acc_task_inferred"]
     assert final["params_nonzero"] < final["params_total"]
+
+
+def test_frozen_defaults_on_split_digits(tmp_path) -> None:
+    """TAME's own defaults (chosen on a generated stream) also hold on digits: five experts,
+    no false alarm, no miss; Mann-Whitney needs several post-shift batches."""
+    defaults = TAME(input_shape=(1, 8, 8), n_classes=2, batch_size=10)
+    assert (defaults.expert_output, defaults.detector.test) == ("logits", "mannwhitney")
+    _, doc = _fit_doc(tmp_path, **FROZEN)
+    final, det = doc["final"], doc["shift_detection"]["report"]
+    assert final["learner"]["n_experts"] == 5
+    assert det["false_alarms"] == 0 and det["missed_detections"] == 0
+    assert det["detection_delay"] <= 10 * 10
+    assert final["learner"]["acc_task_oracle"] >= 0.93
 
 
 def test_intermediate_evaluations_leave_decisions_unchanged(split_run, tmp_path) -> None:
