@@ -359,10 +359,11 @@ def test_configs_run_from_the_cli(tmp_path: Path, regime: str):
 
     root = Path(__file__).resolve().parents[1]
     args = ["fit", "--config", str(root / "configs" / "forgetting" / f"bursty_{regime}.yaml"),
-            "--trainer.max_steps", "12", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.enable_checkpointing", "false", "--progress_bar.refresh_rate", "0",
             "--data.stream.init_args.n_items", "32", "--data.stream.init_args.n_holdout", "8",
             "--data.stream.init_args.sequences_per_segment", "384",
+            "--data.stream.init_args.batch_size", "32",  # 12 steps
             "--data.stream.init_args.n_eval", "32", "--data.stream.init_args.n_test", "32",
             "--model.init_args.n_layer", "1", "--model.init_args.d_model", "16",
             "--model.init_args.d_mlp", "32", "--model.init_args.eval_every", "6"]

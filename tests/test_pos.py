@@ -112,7 +112,7 @@ def test_pos_configs_run_from_the_cli(tmp_path, regime: str):
 
     root = Path(__file__).resolve().parents[1]
     args = ["fit", "--config", str(root / "configs" / "forgetting" / f"pos_{regime}_paper.yaml"),
-            "--trainer.max_steps", "12", "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.enable_checkpointing", "false", "--progress_bar.refresh_rate", "0",
             "--data.stream.init_args.n_tokens", "40", "--data.stream.init_args.sequences", "1536",
             "--data.stream.init_args.n_eval", "32", "--data.stream.init_args.n_test", "32",
