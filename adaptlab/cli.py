@@ -19,12 +19,12 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 import adaptlab.strategies  # noqa: F401  (registers the learners for `--model Name`)
 
-from .data import StreamDataModule, require_one_epoch
+from .data import StreamDataModule, require_one_epoch, require_whole_stream
 from .distributed import StreamDDPStrategy
 from .evaluation import StreamEvaluator
 from .learner import NonFiniteLossError, StreamLearner
@@ -35,12 +35,26 @@ LOGGER_DEFAULT = {
 }
 
 
+#: Standard LightningCLI options adaptlab does not take, and the adaptlab way instead.
+REFUSED = {
+    "--optimizer": "learners build their own optimizers: set --model.init_args.optimizer "
+    "(sgd, adam, adamw), --model.init_args.lr and the learner's schedule options",
+    "--lr_scheduler": "learners own their schedules: see the learner's options "
+    "(`adaptlab fit --model <Learner> --help`, e.g. TAME's lr_milestones)",
+}
+
+
 class AdaptLabParser(LightningArgumentParser):
     """Configuration errors as one line naming the option, not a screen of usage."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        print(f"adaptlab: error: {condense(message)} (`adaptlab fit --help` lists the options)",
-              file=sys.stderr)
+        refused = next((o for o in REFUSED if f"{o} " in message + " " or f"{o}=" in message),
+                       None)
+        if refused is not None:
+            print(f"adaptlab: error: {refused}: {REFUSED[refused]}", file=sys.stderr)
+        else:
+            print(f"adaptlab: error: {condense(message)} (`adaptlab fit --help` lists the "
+                  "options)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -68,8 +82,11 @@ class AdaptLabCLI(LightningCLI):
             help="torch.set_num_threads before anything runs (1 is fastest for tiny models)",
         )
         parser.add_lightning_class_args(StreamEvaluator, "evaluator")
-        parser.add_lightning_class_args(TQDMProgressBar, "progress_bar")
-        parser.set_defaults({"progress_bar.refresh_rate": 50})
+        parser.add_argument(
+            "--progress_bar.refresh_rate", type=int, default=50,
+            help="the default progress bar's refresh rate in Lightning steps (0: off); "
+                 "`trainer.enable_progress_bar: false` or a progress bar of your own replace it",
+        )
         # `data:` is a StreamDataModule unless it names another class (`class_path:`)
         parser.set_defaults({"data": {"class_path": "adaptlab.data.StreamDataModule"}})
         for attr in LINKED:
@@ -78,8 +95,40 @@ class AdaptLabCLI(LightningCLI):
                 compute_fn=_getter(attr), apply_on="instantiate",
             )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._fill_seeds()  # before a checkpoint is checked against the config
+
+    def _fill_seeds(self) -> None:
+        """`seed_everything` reaches every seed the config leaves unset (null): the learner's,
+        the stream's, the data module's. A seed set explicitly is kept."""
+        cfg = self.config[self.config["subcommand"]] if "subcommand" in self.config else (
+            self.config)
+        seed = cfg.get("seed_everything")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            return  # false (no seeding) or true (drawn later, in before_instantiate_classes)
+        for path in ("model.init_args", "data.init_args", "data.init_args.stream.init_args"):
+            node = cfg
+            for key in path.split("."):
+                node = node.get(key) if hasattr(node, "get") else None
+                if node is None:
+                    break
+            if node is not None and "seed" in node and node["seed"] is None:
+                node["seed"] = seed
+
     def before_instantiate_classes(self) -> None:
+        self._fill_seeds()
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        self._add_progress_bar(cfg)
+        trainer = cfg.get("trainer")
+        data = cfg.get("data") or {}
+        if trainer is not None and self.subcommand == "fit" and (
+                data.get("class_path") == f"{StreamDataModule.__module__}.StreamDataModule"):
+            require_whole_stream(trainer)  # a config check: before any logger writes a file
+        if (trainer is not None and self.subcommand == "fit" and not trainer.get("logger")
+                and not trainer.get("default_root_dir")):
+            # without a logger, each run still gets its own folder instead of the current one
+            trainer["default_root_dir"] = _next_version(os.path.join("lightning_logs", "no_logger"))
         if cfg.get("trainer", {}).get("strategy") in ("ddp", "ddp_find_unused_parameters_true"):
             # Stream learners run several forward/backward pairs per step and may create
             # modules at run time: torch's wrapping DDP cannot serve them.
@@ -90,6 +139,28 @@ class AdaptLabCLI(LightningCLI):
                 raise ValueError(f"threads: must be >= 1, got {threads}")
             torch.set_num_threads(threads)
 
+
+    @staticmethod
+    def _add_progress_bar(cfg: Any) -> None:
+        """The default progress bar, unless the user turned bars off or brought their own."""
+        from jsonargparse import Namespace
+        from pytorch_lightning.callbacks import ProgressBar
+
+        trainer = cfg.get("trainer")
+        rate = (cfg.get("progress_bar") or {}).get("refresh_rate", 50)
+        if trainer is None or trainer.get("enable_progress_bar") is False:
+            return
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        for cb in callbacks:
+            path = cb.get("class_path") if hasattr(cb, "get") else None
+            cls = _import(path) if isinstance(path, str) else type(cb)
+            if isinstance(cls, type) and issubclass(cls, ProgressBar):
+                return
+        callbacks.append(Namespace(class_path=f"{TQDMProgressBar.__module__}.TQDMProgressBar",
+                                   init_args=Namespace(refresh_rate=rate, process_position=0,
+                                                       leave=False)))
+        trainer["callbacks"] = callbacks
 
     def _parse_ckpt_path(self) -> None:
         """Check a checkpoint against the config instead of merging its hyperparameters in.
@@ -128,6 +199,11 @@ class AdaptLabCLI(LightningCLI):
                     f"{ours[key]!r}; resume with the config that wrote it"
                 )
 
+    def before_predict(self) -> None:
+        """`predict` writes `predictions.pt` (per segment: preds, labels, experts) to the run's
+        folder and prints each segment's accuracy; it writes no metrics.json."""
+        self.trainer.callbacks.append(PredictionFile())
+
     def before_fit(self) -> None:
         """Fail before training, not after it, when the run cannot write its outputs.
 
@@ -152,6 +228,39 @@ class AdaptLabCLI(LightningCLI):
             ) from None
 
 
+class PredictionFile(BasePredictionWriter):
+    """Saves `predict`'s outputs on the stream's test sets, one entry per segment."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           predictions: Any, batch_indices: Any) -> None:
+        per_loader = predictions if predictions and isinstance(predictions[0], list) else [
+            predictions]
+        stream = trainer.datamodule.stream
+        out: dict[str, Any] = {"stream": stream.name, "fingerprint": stream.fingerprint,
+                               "segments": []}
+        for seg, batches in zip(stream.segments, per_loader):
+            entry = {"segment": seg.id, "name": seg.name}
+            for key in batches[0]:
+                entry[key] = torch.cat([b[key] for b in batches]).cpu()
+            out["segments"].append(entry)
+        if not trainer.is_global_zero:
+            return
+        folder = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "predictions.pt")
+        torch.save(out, path)
+        for e in out["segments"]:
+            acc = (e["preds"] == e["labels"]).float().mean().item()
+            experts = "" if "experts" not in e else (
+                f", experts {sorted(set(e['experts'].tolist()))}")
+            print(f"segment {e['segment']} ({e['name']}): accuracy {acc:.4f} on "
+                  f"{len(e['labels'])} samples{experts}")
+        print(f"predictions.pt: {path}")
+
+
 LINKED = ("input_shape", "n_classes", "batch_size")
 
 
@@ -164,6 +273,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def _next_version(folder: str) -> str:
+    """`<folder>/version_<n>` for the first n not taken, as Lightning's loggers number runs."""
+    n = 0
+    while os.path.exists(os.path.join(folder, f"version_{n}")):
+        n += 1
+    return os.path.join(folder, f"version_{n}")
+
+
+def _import(path: str) -> Any:
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _getter(attr: str) -> Any:
@@ -186,8 +313,33 @@ def user_message(err: BaseException) -> str:
     return "; ".join(lines) if lines else type(err).__name__
 
 
+#: Lightning messages that say nothing about an adaptlab run: the fit loop's own validation is
+#: empty by design (the evaluator judges the stream), steps are chunks so the logging
+#: interval warning is moot, and LeafSpec is Lightning's own deprecation.
+QUIET = (
+    r"Total length of .* across ranks is zero",
+    r"The number of training batches .* is smaller than the logging interval",
+    r".*LeafSpec.* is deprecated",
+    r"Couldn't infer the batch indices fetched from your dataloader",
+    r"Using ModelCheckpoint with manual optimization",  # a chunk's state after its updates
+)
+
+
+def quiet() -> None:
+    """One results table at the end: Lightning's banners, tips and moot warnings off."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch",
+                 "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console entry point; exits non-zero with a one-line message on bad input."""
+    quiet()
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())  # after installed packages: a local file cannot shadow them
     try:
@@ -196,7 +348,8 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             parser_class=AdaptLabParser,
             seed_everything_default=0,
-            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "logger": LOGGER_DEFAULT},
+            trainer_defaults={"max_epochs": 1, "num_sanity_val_steps": 0, "logger": LOGGER_DEFAULT,
+                              "enable_model_summary": False},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,

@@ -132,7 +132,9 @@ class StreamDataModule(pl.LightningDataModule):
         self.presentation = presentation
         self.device_cache = device_cache
         self.samples_consumed = 0
-        self.stop_every: int | None = None  # extra chunk ends (the evaluator's anytime points)
+        # extra chunk ends every this many samples: the evaluator's anytime points, periodic
+        # checkpoints (see `setup`)
+        self.stop_periods: set[int] = set()
         self._plan: tuple[list[int], list[int], list[torch.Tensor] | None] = ([], [], None)
         self._next_chunk = 0
         self._base: Stream | None = stream if isinstance(stream, Stream) else None
@@ -178,6 +180,12 @@ class StreamDataModule(pl.LightningDataModule):
             self._stream = self._present(wanted)
         if stage == "fit" and trainer is not None:
             require_one_epoch(trainer)
+            # `global_step` advances by a whole chunk per Lightning step; ending chunks at every
+            # multiple of a checkpoint's `every_n_train_steps` lets it fire at that cadence
+            for cb in trainer.checkpoint_callbacks:
+                every = int(getattr(cb, "_every_n_train_steps", 0) or 0)
+                if every > 0:
+                    self.stop_periods.add(every * self.base_stream.batch_size)
         if self.device_cache and trainer is not None:
             dev = trainer.strategy.root_device
             st = self.stream
@@ -195,10 +203,9 @@ class StreamDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StreamLoader:
         st = self.stream
         stops = set(st.eval_positions)
-        if self.stop_every:  # rounded up to whole mini-batches, as boundaries are
-            b = st.batch_size
-            stops |= {min(len(st), -(-p // b) * b)
-                      for p in range(self.stop_every, len(st), self.stop_every)}
+        b = st.batch_size
+        for every in sorted(self.stop_periods):  # rounded up to whole mini-batches
+            stops |= {min(len(st), -(-p // b) * b) for p in range(every, len(st), every)}
         starts, ends = chunk_plan(
             len(st), tuple(sorted(stops)), self.batches_per_step * st.batch_size
         )
@@ -253,6 +260,10 @@ class StreamDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._test_loaders()
 
+    def predict_dataloader(self) -> list[DataLoader]:
+        """`predict` runs on every segment's test set, one loader per segment (in order)."""
+        return self._test_loaders()
+
     def test_set(self, segment_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out `(x, y)` of one segment, x as float."""
         x, y = self.stream.test_sets[segment_id]
@@ -299,6 +310,20 @@ def require_one_epoch(trainer: pl.Trainer) -> None:
         raise ValueError(
             f"trainer.max_epochs: must be 1 (one pass over the stream is one epoch), got "
             f"{trainer.max_epochs}; use the stream's `repeats` for passes per segment"
+        )
+
+
+def require_whole_stream(trainer: Any) -> None:
+    """The CLI's check: a run is the whole stream. A Lightning step is `batches_per_step`
+    mini-batches and `global_step` counts optimizer updates, so `max_steps` would stop at a
+    chunk's end with segments never evaluated. (In Python a Trainer's `max_steps` keeps its
+    Lightning meaning.) `trainer` is a Trainer or its config."""
+    max_steps = trainer.get("max_steps") if hasattr(trainer, "get") else trainer.max_steps
+    if max_steps not in (-1, None):
+        raise ValueError(
+            f"trainer.max_steps: a run is one pass over the stream (got {max_steps}); "
+            "shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
+            "repeats, or order"
         )
 
 

@@ -84,7 +84,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self, *, families: Sequence[str] = FAMILIES, size: str = "tiny", n_items: int = 64,
         n_labels: int = 16, window: int = 16, n_query: int = 4, per_family: int = 32,
         k_dist: str = "uniform", k_min: int = 0, k_max: int | None = None, steps: int = 2000,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         families = tuple(families)
@@ -107,7 +107,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.vocab = FamilyVocab(n_items, n_labels)
         self.window, self.n_query, self.per_family = window, n_query, per_family
         self.k_dist, self.k_min, self.k_max = k_dist, k_min, k_max
-        self.steps, self.seed = steps, seed
+        self.steps, self.seed = steps, 0 if seed is None else int(seed)
         self.batches_done = 0
 
     # what the CLI links into the learner

@@ -28,6 +28,22 @@ from .streams import Stream
 from .streams.core import require_positive
 
 
+def _log_final(logger: Any, hparams: dict[str, Any], scalars: dict[str, float], step: int) -> None:
+    """Final metrics with the hyper-parameters: TensorBoard's HPARAMS view pairs them (its
+    `metrics=`); other loggers get the hyper-parameters, where they take them, and scalars."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if isinstance(logger, TensorBoardLogger):
+        logger.log_hyperparams(hparams, metrics=scalars)
+    else:
+        try:
+            logger.log_hyperparams(hparams)
+        except NotImplementedError:
+            pass  # a logger without hyper-parameter support
+        logger.log_metrics(scalars, step=step)
+    logger.save()
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -133,15 +149,20 @@ class StreamEvaluator(pl.Callback):
 
     def _log(self, trainer: pl.Trainer, values: dict[str, float | None], step: int) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
-        if clean and trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics(clean, step=step)
+        if not clean:
+            return
+        # under the logged names, monitorable by EarlyStopping and ModelCheckpoint(monitor=…)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in clean.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(clean, step=step)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Chunks end at every anytime evaluation point, so when it happens does not depend on
         # `batches_per_step` (a speed setting).
         if stage == "fit" and self.anytime_every is not None and trainer.datamodule is not None:
-            trainer.datamodule.stop_every = self.anytime_every
+            trainer.datamodule.stop_periods.add(self.anytime_every)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, StreamLearner):
@@ -270,6 +291,10 @@ class StreamEvaluator(pl.Callback):
         if not st.supervised and seg_acc is not None:
             values[f"TTA_Online_Error/train_phase/train_stream/Exp{col:03d}"] = 1 - seg_acc
         self._log(trainer, values, step)
+        # the names `adaptlab validate` logs, so a monitor works the same in fit and validate
+        trainer.callback_metrics.update(
+            {f"val/acc_exp{j:03d}": torch.tensor(a) for j, a in enumerate(acc)})
+        trainer.callback_metrics["val/acc_seen"] = torch.tensor(run["acc_final"])
         self._log_online(trainer, step)
         if not final:
             self._write(trainer, learner, "running")
@@ -285,6 +310,8 @@ class StreamEvaluator(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        if self.started_at is None:  # not a run this evaluator judged (validate, predict)
+            return
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         try:
             self._write(trainer, pl_module, status)
@@ -460,7 +487,8 @@ class StreamEvaluator(pl.Callback):
     @staticmethod
     def hparams(trainer: pl.Trainer, learner: StreamLearner) -> dict[str, Any]:
         st = trainer.datamodule.stream
-        hp = {f"learner/{k}": v for k, v in dict(learner.hparams).items()}
+        hp = {f"learner/{k}": v for k, v in dict(learner.hparams).items()
+              if not k.startswith("_")}  # jsonargparse's _class_path, _instantiator
         hp |= {"learner/class": type(learner).__name__, "stream/name": st.name,
                "stream/fingerprint": st.fingerprint[:16], "stream/seed": st.seed,
                "stream/batch_size": st.batch_size, "stream/n_samples": len(st),
@@ -502,13 +530,12 @@ class StreamEvaluator(pl.Callback):
                     ev.pos, np.asarray(active.cpu() if torch.is_tensor(active) else active)[
                         : len(ev)], ev.seg, st.true_shifts, sorted(learner.shift_events())),
                     global_step=step)
-        if logger is not None:
+        for logger in trainer.loggers:
             scalars = {f"final/{k}": v for k, v in final.items()
                        if isinstance(v, (int, float)) and v is not None}
             scalars |= {f"final/learner/{k}": v for k, v in final["learner"].items()
                         if isinstance(v, (int, float)) and v is not None}
-            logger.log_hyperparams(self.hparams(trainer, learner), metrics=scalars)
-            logger.save()
+            _log_final(logger, self.hparams(trainer, learner), scalars, step)
         if self.print_table:
             print(format_table(doc, self.log_dir(trainer)), file=sys.stdout, flush=True)
 

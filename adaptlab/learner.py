@@ -42,7 +42,8 @@ class StreamLearner(pl.LightningModule):
         batch_size: mini-batch size B of `observe`; linked from the stream.
         backbone: a name from `adaptlab.models.MODELS` (`mlp`, `lenet`, `resnet18`).
         backbone_args: keyword arguments of that backbone (e.g. `{"hidden": [256]}`).
-        seed: seeds the learner's own initialisation and random draws.
+        seed: seeds the learner's own initialisation and random draws (None: 0; the CLI
+            fills it from `seed_everything`).
         nonfinite: what a NaN/inf training loss does: `"raise"` (stop with a clear error,
             checked once per Lightning step) or `"skip"` (skip that update and count it in
             `skipped_updates`; costs one host sync per update).
@@ -62,7 +63,7 @@ class StreamLearner(pl.LightningModule):
         batch_size: int = 10,
         backbone: str = "mlp",
         backbone_args: dict[str, Any] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         nonfinite: str = "raise",
     ) -> None:
         super().__init__()
@@ -80,7 +81,7 @@ class StreamLearner(pl.LightningModule):
         self.batch_size = batch_size
         self.backbone = backbone
         self.backbone_args = dict(backbone_args or {})
-        self.seed = seed
+        self.seed = 0 if seed is None else int(seed)
         self.nonfinite = nonfinite
         self.skipped_updates = 0
         self.observe_steps = 0
@@ -310,6 +311,16 @@ class StreamLearner(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Predicted classes (and, for expert learners, the expert each input is routed to)
+        with the true labels, for one batch of a segment's test set."""
+        x, y = batch
+        out = {"preds": self(x).argmax(-1), "labels": y}
+        experts = self.expert_ids(x)
+        if experts is not None:
+            out["experts"] = experts
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["adaptlab_learner"] = {

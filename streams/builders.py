@@ -57,7 +57,7 @@ class StreamBuilder:
         test_samples_per_segment: int | None = None,
         align_batches_to_boundaries: bool = False,
         supervised: bool | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         split_seed: int = 0,
     ) -> None:
         check_schedule(batch_size=batch_size, recurrence=recurrence, repeats=repeats,
@@ -81,7 +81,7 @@ class StreamBuilder:
         self.test_samples_per_segment = test_samples_per_segment
         self.align_batches_to_boundaries = align_batches_to_boundaries
         self.supervised = self.supervised_default if supervised is None else supervised
-        self.seed = seed
+        self.seed = 0 if seed is None else int(seed)  # the CLI fills it from seed_everything
         self.split_seed = split_seed
 
     # -- what a subclass provides -------------------------------------------------------------

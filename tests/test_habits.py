@@ -1,0 +1,139 @@
+"""Lightning users' habits (issue "habits just work"): the exact command a user types, and a
+check of what it produced, not only of the exit code. Runs the real CLI in-process."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = str(ROOT / "configs/finetune/split_digits.yaml")
+TAME = str(ROOT / "configs/tame/split_digits.yaml")
+S = "--data.stream.init_args."
+SMALL = [f"{S}max_samples_per_segment", "40", f"{S}test_samples_per_segment", "20",
+         f"{S}repeats", "1", "--progress_bar.refresh_rate", "0",
+         "--evaluator.print_table", "false"]
+
+
+def fit(config: str, *extra: str) -> None:
+    main(["fit", "--config", config, *SMALL, *extra])
+
+
+def refused(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    return int(info.value.code), capsys.readouterr().err.strip()
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))]
+
+
+def test_csv_logger(tmp_path) -> None:
+    fit(FINETUNE, "--trainer.logger", "CSVLogger", "--trainer.logger.save_dir", str(tmp_path))
+    [doc] = metrics(tmp_path)
+    assert doc["status"] == "completed"
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    final = [r for r in rows if r.get("final/acc_final")]
+    assert float(final[-1]["final/acc_final"]) == pytest.approx(doc["final"]["acc_final"])
+    assert any(r.get("Top1_Acc_Stream/eval_phase/test_stream") for r in rows)
+
+
+def test_no_logger_gives_each_run_its_own_folder(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit(FINETUNE, "--trainer.logger", "false")
+    fit(FINETUNE, "--trainer.logger", "false")
+    runs = sorted((tmp_path / "lightning_logs" / "no_logger").glob("version_*"))
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    assert all((r / "metrics.json").exists() for r in runs)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_hparams_have_no_parser_internals(tmp_path) -> None:
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path))
+    run = json.loads(next(tmp_path.rglob("run.json")).read_text())
+    assert "learner/lr" in run["hparams"]
+    assert not [k for k in run["hparams"] if "/_" in k]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--trainer.enable_progress_bar", "false"],
+    ["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate", "7"],
+], ids=["bars off", "own bar"])
+def test_progress_bar_options(extra, tmp_path) -> None:
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path), *extra)
+    assert metrics(tmp_path)[0]["status"] == "completed"
+
+
+def test_periodic_checkpoints_fire_at_the_requested_cadence(tmp_path) -> None:
+    """`every_n_train_steps` counts updates; chunks of 50 mini-batches and segment ends used to
+    skip most multiples."""
+    fit(FINETUNE, f"{S}max_samples_per_segment", "200", "--trainer.logger.init_args.save_dir",
+        str(tmp_path), "--trainer.callbacks+=ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps", "7", "--trainer.callbacks.save_top_k", "-1")
+    steps = sorted(int(p.stem.split("step=")[1]) for p in tmp_path.rglob("*.ckpt"))
+    assert steps == list(range(7, 100 + 1, 7))  # 5 segments x 20 updates
+
+
+def test_accuracies_are_monitorable(tmp_path) -> None:
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/acc_exp000",
+        "--trainer.callbacks.mode", "max",
+        "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/acc_seen",
+        "--trainer.callbacks.mode", "max", "--trainer.callbacks.every_n_train_steps", "4",
+        "--trainer.callbacks.filename", "best", "--trainer.callbacks.save_top_k", "1")
+    [doc] = metrics(tmp_path)
+    assert doc["status"] == "completed"
+    ckpt = torch.load(next(tmp_path.rglob("best.ckpt")), weights_only=True)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    seen = [sum(r["acc"][: i + 1]) / (i + 1) for i, r in enumerate(doc["accuracy_matrix"]["rows"])]
+    assert float(state["best_model_score"]) == pytest.approx(max(seen))
+
+
+def test_seed_everything_reaches_learner_and_stream(tmp_path) -> None:
+    for name, extra in [("a", []), ("b", ["--seed_everything", "5"]),
+                        ("c", ["--seed_everything", "5", "--model.init_args.seed", "0",
+                               f"{S}seed", "0"])]:
+        fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path / name), *extra)
+    a, b, c = (metrics(tmp_path / n)[0] for n in "abc")
+    assert b["stream"]["seed"] == 5 and a["stream"]["seed"] == c["stream"]["seed"] == 0
+    assert b["accuracy_matrix"] != a["accuracy_matrix"]
+    assert c["accuracy_matrix"] == a["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("config,experts", [(FINETUNE, False), (TAME, True)],
+                         ids=["Finetune", "TAME"])
+def test_predict_writes_predictions_not_metrics(config, experts, tmp_path, capsys) -> None:
+    fit(config, "--trainer.logger.init_args.save_dir", str(tmp_path / "fit"))
+    [doc] = metrics(tmp_path / "fit")
+    ckpt = next((tmp_path / "fit").rglob("*.ckpt"))
+    main(["predict", "--config", config, *SMALL, "--ckpt_path", str(ckpt),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "predict")])
+    assert not metrics(tmp_path / "predict")
+    out = torch.load(next((tmp_path / "predict").rglob("predictions.pt")), weights_only=True)
+    last = doc["accuracy_matrix"]["rows"][-1]["acc"]
+    assert [e["segment"] for e in out["segments"]] == doc["accuracy_matrix"]["columns"]
+    for entry, acc in zip(out["segments"], last):
+        assert (entry["preds"] == entry["labels"]).float().mean().item() == pytest.approx(acc)
+        assert ("experts" in entry) == experts
+    assert "predictions.pt:" in capsys.readouterr().out
+
+
+def test_refusals_name_the_adaptlab_way(tmp_path, capsys) -> None:
+    code, err = refused(["fit", "--config", FINETUNE, "--optimizer", "torch.optim.Adam"], capsys)
+    assert code == 2 and err == (
+        "adaptlab: error: --optimizer: learners build their own optimizers: set "
+        "--model.init_args.optimizer (sgd, adam, adamw), --model.init_args.lr and the "
+        "learner's schedule options")
+    logs = tmp_path / "logs"
+    code, err = refused(["fit", "--config", FINETUNE, "--trainer.max_steps", "5",
+                         "--trainer.logger.init_args.save_dir", str(logs)], capsys)
+    assert code == 1 and err.splitlines()[-1].startswith(
+        "adaptlab: error: trainer.max_steps: a run is one pass over the stream (got 5)")
+    assert not logs.exists()
