@@ -15,7 +15,8 @@ process:
 - adaptlab `Finetune`, `Replay` (reservoir memory M, task-free) and `Joint` (the i.i.d. upper
   bound) through a Lightning Trainer with the `StreamEvaluator`, `--repeats` passes per segment;
 - adaptlab `TAME` through the same Trainer, on the same data, with the learner settings of
-  `--tame-config` (default `configs/tame/<split|permuted>_digits.yaml`): on Split
+  `--tame-config` (default: `configs/tame/<split|permuted>_digits.yaml` on digits,
+  `configs/tame/split_signals.yaml`, TAME's frozen defaults, elsewhere): on Split
   `labels: local`, and its class-incremental accuracy (`final.learner.acc_class_il`, right
   expert and right label) is the number compared with the baselines' `acc_final`;
 - where Avalanche is importable, Avalanche's `Naive`, `Replay` (M), `EWC`, `LwF`, `GDumb` (M)
@@ -135,11 +136,15 @@ def stream_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def tame_config(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
-    """TAME's learner settings from `--tame-config` (default: the digits config of the same
-    stream kind), read here so they live in one place."""
-    default = "split" if spec["class_path"].endswith(".Split") else "permuted"
-    path = Path(args.tame_config) if args.tame_config else (
-        ROOT / "configs" / "tame" / f"{default}_digits.yaml")
+    """TAME's learner settings from `--tame-config`, read here so they live in one place.
+    Default: the digits config of the same kind for the digits shortcuts (the paper's pinned
+    choices), `configs/tame/split_signals.yaml` (TAME's frozen defaults) for any other stream."""
+    if args.tame_config:
+        path = Path(args.tame_config)
+    elif args.stream in SHORTCUTS:
+        path = ROOT / "configs" / "tame" / f"{args.stream}_digits.yaml"
+    else:
+        path = ROOT / "configs" / "tame" / "split_signals.yaml"
     cfg = _read_yaml(path)
     try:
         shown = str(path.resolve().relative_to(ROOT))
@@ -178,14 +183,16 @@ def build_stream(spec: dict[str, Any], params: dict[str, Any]):
 
 
 def tame_memory(args: argparse.Namespace, tcfg: dict[str, Any], stream) -> dict[str, int]:
-    """TAME's buffers within the baselines' memory M: the selector buffer C_s gets what the
-    per-expert retraining buffers (C_p per segment of the stream) leave."""
-    c_p = int(tcfg["model"].get("retrain_capacity", 20))
-    c_s = args.memory - c_p * len(stream.segments)
+    """TAME's buffers within the baselines' memory M, at one expert per segment: a retraining
+    buffer C_p per segment (its config's, at most half of M shared out) and the selector buffer
+    C_s with the rest, so C_s + segments x C_p = M."""
+    k = len(stream.segments)
+    c_p = min(int(tcfg["model"].get("retrain_capacity", 200)), (args.memory // 2) // k)
+    c_s = args.memory - c_p * k
     if c_s < stream.n_classes:
         raise SystemExit(
-            f"--memory {args.memory}: too small for TAME on {len(stream.segments)} segments "
-            f"(retrain_capacity {c_p} each leaves {c_s} for the selector)"
+            f"--memory {args.memory}: too small for TAME on {k} segments "
+            f"(retraining buffers of {c_p} leave {c_s} for the selector)"
         )
     return {"selector_capacity": c_s, "retrain_capacity": c_p}
 
@@ -501,7 +508,8 @@ def main(argv: list[str] | None = None) -> str:
                          "'{source: signals, source_args: {noise: 2.0}}'")
     ap.add_argument("--name", default=None, help="output folder name (default: from --stream)")
     ap.add_argument("--tame-config", default=None,
-                    help="TAME's config (default: configs/tame/<split|permuted>_digits.yaml)")
+                    help="TAME's config (default: configs/tame/<split|permuted>_digits.yaml on "
+                         "digits, configs/tame/split_signals.yaml elsewhere)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--n-segments", type=int, default=10, help="Permuted: segments")
     ap.add_argument("--repeats", type=int, default=5,

@@ -9,8 +9,9 @@ Families (sources of `streams/generated.py`, difficulty fixed here before any ru
 and `signals_easy`/`signals_hard` (1-D signals, noise 1.0 / 2.0). Schedules: `split` (5 x 2
 classes), `permuted` (5 feature permutations), `recurring` (split, segments 0 1 2 0 3 1 4, each
 occurrence on its own part of the data) and `shared` (split into 5 tasks of 3 classes where
-neighbouring tasks share one class). The development stream on which TAME's defaults were
-chosen is `DEV` below; every other cell is held out.
+neighbouring tasks share one class). TAME's defaults were chosen on another stream
+(`tools/detect_report.py`'s DEVELOPMENT: make_classification, 40 features, permuted), so every
+cell here is held out; none was tuned on.
 
 Each cell runs `tools/compare.py` with the same budget for every method (passes, memory, MLP
 backbone, batch) and the table reads only the runs' metrics.json / run.json. Columns: Joint's
@@ -50,8 +51,6 @@ SCHEDULES: dict[str, dict[str, Any]] = {
                "args": {"segments": [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 8], [8, 9, 0]],
                         "shared_classes": "partition"}},
 }
-#: TAME's defaults were chosen on this cell only (see configs/tame/*.yaml).
-DEV = "signals_easy/split"
 METHODS = ["Joint", "Finetune", "Replay", "TAME", "av:Replay"]
 
 
@@ -91,8 +90,9 @@ def summary(args: argparse.Namespace, todo: list[tuple[str, str]]) -> str:
     lines = [
         f"Benchmark matrix: seeds {', '.join(map(str, args.seeds))}, mean ± std; every method "
         f"{args.repeats} passes per segment, memory {args.memory}, batch 10, MLP backbones; "
-        f"TAME settings from {args.tame_config or 'configs/tame/<split|permuted>_digits.yaml'}; "
-        f"development cell (defaults chosen there): {DEV}.", "",
+        f"TAME settings from {args.tame_config or 'configs/tame/split_signals.yaml'} (frozen "
+        "defaults chosen on tools/detect_report.py's development stream; no cell was tuned "
+        "on).", "",
         "| stream | Joint (i.i.d.) | Finetune | Replay | Avalanche Replay | TAME class-IL "
         "| TAME task-inferred | TAME experts (segments) | missed shifts | false alarms |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -115,7 +115,7 @@ def summary(args: argparse.Namespace, todo: list[tuple[str, str]]) -> str:
         tame = rows.get("adaptlab TAME", [])
         det = [r["detection"] or {} for r in tame]
         segments = len(tame[0]["stream"]["segments"]) if tame else None
-        name = f"{family}/{schedule}" + (" (dev)" if f"{family}/{schedule}" == DEV else "")
+        name = f"{family}/{schedule}"
         lines.append(
             f"| {name} | {col('adaptlab Joint')} | {col('adaptlab Finetune')} "
             f"| {col('adaptlab Replay')} | {col('Avalanche Replay')} | {col('adaptlab TAME')} "
