@@ -751,11 +751,16 @@ class StreamLearnerStrategy(SupervisedTemplate):
         """Unchanged: dynamic heads would need boundaries the learner must not see."""
         return self.model if model is None else model
 
-    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool = False,
+    def make_train_dataloader(self, num_workers: int = 0, shuffle: bool | None = None,
                               pin_memory: bool | None = None, persistent_workers: bool = False,
                               drop_last: bool = False, **kwargs: Any) -> None:
-        """In stream order by default; `stream_to_avalanche` data is sliced from tensors."""
+        """`shuffle` defaults as the data came: an adaptlab stream (`stream_to_avalanche`) keeps
+        its order, sliced from tensors; any other benchmark is shuffled, Avalanche's default
+        (its experiences are often sorted by class, which order-sensitive learners cannot
+        survive)."""
         xy = getattr(self.experience, "_adaptlab_xy", None)
+        if shuffle is None:
+            shuffle = xy is None
         if (xy is not None and not shuffle and not drop_last
                 and len(self.adapted_dataset) == len(xy[1])):
             self.dataloader = _TensorBatches(xy[0], xy[1], self.train_mb_size)
@@ -801,6 +806,10 @@ class StreamLearnerStrategy(SupervisedTemplate):
 
     def _before_training_exp(self, **kwargs: Any) -> None:
         exp = self.experience
+        classes = sorted(getattr(exp, "classes_in_this_experience", None) or [])
+        if classes and classes[-1] >= len(classes) and not getattr(self, "_warned_labels", False):
+            self._warned_labels = True  # global class ids: say it once per run
+            self.learner.check_labels(task_local=False)
         hide = self.labels_to_learner is False or (
             self.labels_to_learner is None and getattr(exp, "adaptlab_supervised", True) is False)
         self._hide_labels = hide

@@ -170,6 +170,7 @@ class StreamEvaluator(pl.Callback):
                 f"model: the StreamEvaluator needs a StreamLearner, got {type(pl_module).__name__}"
             )
         self.started_at = self.started_at or _now()
+        pl_module.check_labels(self._stream(trainer).task_local_labels())
         self._log_dir = None
         self.log_dir(trainer)
         if self.anytime_every is not None and self._next_anytime is None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.core.optimizer import LightningOptimizer
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from .models import build_model
@@ -212,6 +213,17 @@ class StreamLearner(pl.LightningModule):
     def expert_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Logits of expert `k` alone, routing bypassed (expert learners override it)."""
         raise NotImplementedError(f"{type(self).__name__} has no experts")
+
+    def check_labels(self, task_local: bool) -> None:
+        """Expert learners (TAME) are built for task-local labels; say so once, in one line,
+        when the stream's labels are global (class-incremental)."""
+        if self.has_experts and not task_local:
+            rank_zero_warn(
+                f"{type(self).__name__} learns one expert per task and is meant for task-local "
+                "labels (Split `labels: local`, its paper's protocol); with global labels every "
+                "expert must also reject classes it never saw (Split-Digits: class-IL 0.59 vs "
+                "0.95); its acc_class_il is the number to compare"
+            )
 
     @property
     def has_experts(self) -> bool:

@@ -129,6 +129,15 @@ class Stream:
         """Segment id -> column of the accuracy matrix."""
         return {s.id: j for j, s in enumerate(self.segments)}
 
+    def task_local_labels(self) -> bool:
+        """Whether every segment labels its classes 0..c-1 (Split `labels: local`, domain
+        streams), rather than with global class ids (class-incremental)."""
+        for _, y in self.test_sets.values():
+            present = torch.unique(y)
+            if len(present) and int(present.max()) >= len(present):
+                return False
+        return True
+
     def learner_labels(self, y: torch.Tensor) -> torch.Tensor:
         """What the learner receives as labels: the true ones, or UNLABELED on TTA streams."""
         return y if self.supervised else torch.full_like(y, UNLABELED)

@@ -429,6 +429,43 @@ def test_avalanche_strategies_on_adaptlab_stream(name, tmp_path):
     assert len(doc["accuracy_matrix"]["rows"]) == 3 and doc["final"]["acc_final"] is not None
 
 
+def test_bridge_shuffles_benchmarks_it_did_not_build(bm, stream, tmp_path):
+    """An Avalanche user's `strat.train(exp)`: Avalanche shuffles by default, and its
+    class-incremental experiences are sorted by class; the bridge now does the same (it kept
+    the order and Replay scored at Finetune's level). `stream_to_avalanche` keeps its order."""
+    from adaptlab.strategies import Replay
+
+    def final_acc(**train_kw) -> float:
+        pl.seed_everything(0, verbose=False)
+        strat = StreamLearnerStrategy(
+            learner=Replay(**learner_kwargs(stream, memory_size=500, lr=0.05)),
+            train_mb_size=10, eval_mb_size=EVAL_MB, log_dir=str(tmp_path / "b"),
+            evaluator=EvaluationPlugin(accuracy_metrics(stream=True), loggers=[]))
+        for exp in bm.train_stream:
+            strat.train(exp, **train_kw)
+        return strat.eval(bm.test_stream)["Top1_Acc_Stream/eval_phase/test_stream"]
+
+    default, ordered = final_acc(), final_acc(shuffle=False)
+    assert ordered < 0.25 and default > ordered + 0.1
+    own = stream_to_avalanche(split(batch_size=10, max_samples_per_segment=30))
+    weights = []
+    for train_kw in ({}, {"shuffle": False}):
+        strat = bridge(stream, tmp_path)
+        strat.train(own.train_stream[0], **train_kw)
+        weights.append(torch.cat([p.detach().flatten() for p in strat.model.parameters()]))
+    assert torch.equal(weights[0], weights[1])  # an adaptlab stream keeps its order
+
+
+def test_tame_on_a_class_incremental_benchmark_says_why(bm, stream, tmp_path):
+    from adaptlab.strategies import TAME
+
+    strat = StreamLearnerStrategy(
+        learner=TAME(**learner_kwargs(stream)), train_mb_size=10, eval_mb_size=EVAL_MB,
+        log_dir=str(tmp_path / "b"), evaluator=EvaluationPlugin(loggers=[]))
+    with pytest.warns(UserWarning, match="meant for task-local labels"):
+        strat.train(bm.train_stream[1])  # classes {2, 3}: global ids
+
+
 def test_task_labels_need_permission(bm):
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.utils import DataAttribute

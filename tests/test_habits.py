@@ -137,3 +137,14 @@ def test_refusals_name_the_adaptlab_way(tmp_path, capsys) -> None:
     assert code == 1 and err.splitlines()[-1].startswith(
         "adaptlab: error: trainer.max_steps: a run is one pass over the stream (got 5)")
     assert not logs.exists()
+
+
+def test_tame_on_global_labels_says_why(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="meant for task-local labels"):
+        fit(TAME, f"{S}labels", "global", "--trainer.logger.init_args.save_dir", str(tmp_path))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!.*task-local labels)")
+        fit(TAME, "--trainer.logger.init_args.save_dir", str(tmp_path / "local"))
