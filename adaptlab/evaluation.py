@@ -21,8 +21,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from . import __version__, figures, metrics
-from .jsonio import to_jsonable, write_json_atomic
+from . import figures, metrics
+from .jsonio import metrics_document, to_jsonable, write_json_atomic
 from .learner import StreamLearner
 from .streams import Stream
 from .streams.core import require_positive
@@ -438,9 +438,7 @@ class StreamEvaluator(pl.Callback):
     def document(self, trainer: pl.Trainer, learner: StreamLearner, status: str) -> dict[str, Any]:
         st = self._stream(trainer)
         backend = getattr(learner, "backend", "lightning")
-        doc: dict[str, Any] = {
-            "schema_version": 1, "adaptlab_version": __version__, "backend": backend,
-            "status": status,
+        doc: dict[str, Any] = metrics_document(status, backend=backend) | {
             "stream": {
                 **{k: v for k, v in st.describe().items() if k != "params"},
             },

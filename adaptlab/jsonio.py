@@ -18,7 +18,26 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["read_json", "to_jsonable", "write_json_atomic"]
+__all__ = ["SCHEMA_VERSION", "metrics_document", "read_json", "to_jsonable",
+           "write_json_atomic"]
+
+#: One metrics.json schema for every run: the keys below always exist; a stream run fills
+#: `stream`/`accuracy_matrix`/`per_segment`/…, other runs (StreamAdapter's episodic stages)
+#: leave those null and add their own section.
+SCHEMA_VERSION = 1
+
+
+def metrics_document(status: str, *, backend: str = "lightning", final: dict | None = None,
+                     **sections: Any) -> dict[str, Any]:
+    """The common frame of a metrics.json; `sections` are added as they are."""
+    from . import __version__
+
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "adaptlab_version": __version__, "backend": backend,
+        "status": status, "stream": None, "accuracy_matrix": None, "final": final or {},
+    }
+    doc.update(sections)
+    return doc
 
 
 def _key(k: Any) -> str:

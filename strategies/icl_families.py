@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptlab.episodes import EpisodeDataModule, average_skill, demo_curve
-from adaptlab.jsonio import write_json_atomic
+from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import TinyGPT
 from adaptlab.streams.icl import FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
@@ -363,9 +363,11 @@ class FamilyInContextLearner(EpisodicTraining, StreamLearner):
         log_dir = self.trainer.log_dir
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            write_json_atomic(os.path.join(log_dir, "metrics.json"),
-                              {"icl_check": self.check, "icl_curve": curve, "task": self.task,
-                               "curves": self.curves, "steps": self.update_steps})
+            write_json_atomic(os.path.join(log_dir, "metrics.json"), metrics_document(
+                "completed", final={"icl_check_passed": self.check["passed"],
+                                    "update_steps": self.update_steps},
+                stage_a={"icl_check": self.check, "icl_curve": curve, "task": self.task,
+                         "curves": self.curves, "steps": self.update_steps}))
             self.log_curve_figure("icl_curve", {"ICL": curve},
                                   "Stage A: ICL skill vs demonstrations")
         if self.export:

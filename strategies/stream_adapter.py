@@ -32,7 +32,7 @@ from torch import nn
 
 from adaptlab.detect import ShiftDetector
 from adaptlab.episodes import EpisodeDataModule
-from adaptlab.jsonio import write_json_atomic
+from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner
 from adaptlab.models import KV, TinyGPT
 from adaptlab.streams.core import Purpose, rng
@@ -868,11 +868,14 @@ class StreamAdapter(EpisodicTraining, StreamLearner):
         log_dir = self.trainer.log_dir
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            write_json_atomic(os.path.join(log_dir, "metrics.json"), {
-                "adapter_curve": curve, "curves": self.curves,
-                "families": self.families, "steps": self.update_steps,
-                "adapter_params": sum(p.numel() for p in self.core.adapter_parameters()),
-                "base_sha256": self.base_record["sha256"]})
+            n_params = sum(p.numel() for p in self.core.adapter_parameters())
+            write_json_atomic(os.path.join(log_dir, "metrics.json"), metrics_document(
+                "completed", final={"adapter_params": n_params,
+                                    "update_steps": self.update_steps},
+                stage_b={"adapter_curve": curve, "curves": self.curves,
+                         "families": self.families, "steps": self.update_steps,
+                         "adapter_params": n_params,
+                         "base_sha256": self.base_record["sha256"]}))
             self.log_curve_figure("adapter_curve", {"StreamAdapter": curve},
                                   "Stage B: adapter skill vs demonstrations")
         if self.export:

@@ -148,3 +148,29 @@ def test_tame_on_global_labels_says_why(tmp_path) -> None:
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message="(?!.*task-local labels)")
         fit(TAME, "--trainer.logger.init_args.save_dir", str(tmp_path / "local"))
+
+
+def test_table_reads_any_run_folder(tmp_path) -> None:
+    """tools/table.py over a folder with a stream run, a failed one and a StreamAdapter stage
+    (written with the same metrics.json frame): run names, status, unfinished left out."""
+    import sys
+
+    from adaptlab.jsonio import metrics_document, write_json_atomic
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import table
+
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path))
+    for run in ("stage_a", "broken"):
+        (tmp_path / run / "version_0").mkdir(parents=True)
+    write_json_atomic(str(tmp_path / "stage_a" / "version_0" / "metrics.json"),
+                      metrics_document("completed", final={"update_steps": 3},
+                                       stage_a={"icl_check": {"passed": True}}))
+    write_json_atomic(str(tmp_path / "broken" / "version_0" / "metrics.json"),
+                      metrics_document("failed"))
+    shown = table.main([str(tmp_path)])
+    rows = shown.splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in rows] == [
+        "finetune_split_digits/version_0", "stage_a/version_0"]
+    assert "| split_digits |" in rows[0] and "| — |" in rows[1]
+    assert "broken/version_0" in table.main([str(tmp_path), "--all"])

@@ -140,7 +140,9 @@ def test_stage_a_learns_in_context(tmp_path):
     curve = learner.curve()["tokcls4"]
     assert curve[8]["skill"] > curve[0]["skill"] + 0.15
     metrics = json.load(open(os.path.join(tmp_path, "a", "version_0", "metrics.json")))
-    assert "icl_check" in metrics and "tokcls4" in metrics["icl_curve"]
+    assert metrics["schema_version"] == 1 and metrics["status"] == "completed"
+    assert "icl_check" in metrics["stage_a"] and "tokcls4" in metrics["stage_a"]["icl_curve"]
+    assert metrics["final"]["icl_check_passed"] == metrics["stage_a"]["icl_check"]["passed"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = EventAccumulator(os.path.join(tmp_path, "a", "version_0")).Reload().Tags()
