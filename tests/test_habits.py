@@ -174,3 +174,24 @@ def test_table_reads_any_run_folder(tmp_path) -> None:
         "finetune_split_digits/version_0", "stage_a/version_0"]
     assert "| split_digits |" in rows[0] and "| — |" in rows[1]
     assert "broken/version_0" in table.main([str(tmp_path), "--all"])
+
+
+def test_readme_resume_snippet_is_resumable(tmp_path) -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("**Resume.**", 1)[1]
+    snippet = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "ckpt.yaml").write_text(snippet)
+    args = ["--config", FINETUNE, "--config", str(tmp_path / "ckpt.yaml"),
+            "--progress_bar.refresh_rate", "0", "--evaluator.print_table", "false"]
+    main(["fit", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "whole")])
+    ckpts = sorted(p.name for p in (tmp_path / "whole").rglob("*.ckpt"))
+    assert ckpts == ["epoch=0-step=500.ckpt", "last.ckpt"]  # 629 updates in the run
+    mid = next((tmp_path / "whole").rglob("epoch=0-step=500.ckpt"))
+    main(["fit", *args, "--trainer.logger.init_args.save_dir", str(tmp_path / "resumed"),
+          "--ckpt_path", str(mid)])
+    whole, resumed = metrics(tmp_path / "whole")[0], metrics(tmp_path / "resumed")[0]
+    assert resumed["status"] == "completed"
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+    assert resumed["final"] == whole["final"]
