@@ -476,8 +476,106 @@ def test_bad_options_and_nan_losses_are_clear_errors() -> None:
         TAME(**kw, ewma_chain="both")
     with pytest.raises(ValueError, match="on_trigger"):
         TAME(**kw, ewma_chain="all", eval_experts="on_trigger")
+    with pytest.raises(ValueError, match="3072 input features.*network selector"):
+        TAME(**{**kw, "input_shape": (3, 32, 32)})  # the default Gaussian router
+    TAME(**{**kw, "input_shape": (3, 32, 32)}, selector_backbone="mlp")
     learner = TAME(**kw)
     learner._fast_update = True  # step without a Trainer
     x = torch.full((10, 1, 8, 8), math.nan)
     with pytest.raises(NonFiniteLossError, match="observe step"):
         learner.training_step((x, torch.zeros(10, dtype=torch.long)), 0)
+
+
+# --------------------------------------------------------------------------- selector
+
+
+def _pairs(n: int, seed: int, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 features in 8 correlated pairs (z, z + noise), every feature N(0, ~1); label: the
+    sign of z0 + z1. Permuting the features changes only which positions are correlated."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)
+    return torch.cat([z, z + noise * torch.randn(n, 8, generator=g)], 1), \
+        (z[:, 0] + z[:, 1] > 0).long()
+
+
+def _two_task_run(tmp_path: Path, **tame_kw) -> dict:
+    """TAME on a Permuted stream of `_pairs` with 2 segments: the tasks have the same marginals
+    and differ only in correlation structure; memory 100 + 2 x 50."""
+    from adaptlab.streams import Permuted, from_arrays
+
+    source = from_arrays(*_pairs(600, 0), *_pairs(300, 1), name="pairs")
+    stream = Permuted(source=source, n_segments=2, batch_size=10, repeats=3, seed=0).build()
+    learner = TAME(**learner_kwargs(stream, backbone="mlp", backbone_args={"hidden": [32]},
+                                    seed=0, selector_capacity=100, retrain_capacity=50,
+                                    **tame_kw))
+    ev = StreamEvaluator(print_table=False, figures=False)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0,
+                         enable_model_summary=False, callbacks=[ev],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(learner, datamodule=StreamDataModule(stream, batches_per_step=10))
+    return ev.document(trainer, learner, "completed")["final"]["learner"]
+
+
+@pytest.mark.parametrize("moments", ["stream", "memory"])
+def test_default_selector_routes_tasks_that_differ_only_in_correlation(
+        moments: str, tmp_path: Path) -> None:
+    """Two experts, clearly distinct; the default (Gaussian) router sends >= 97 % of test
+    inputs to the right one, so class-IL stays within 0.02 of the own expert's accuracy (the
+    paper's MLP selector on the selector buffer alone: 0.81 and 0.73 here)."""
+    out = _two_task_run(tmp_path, selector_moments=moments)
+    assert out["n_experts"] == 2
+    assert out["selector_acc"] >= 0.97
+    assert out["acc_task_oracle"] >= 0.9
+    assert out["acc_class_il"] >= out["acc_task_oracle"] - 0.02
+
+
+def test_gaussian_router_fits_closed_form_and_picks_shrinkage_by_cv() -> None:
+    from adaptlab.strategies.tame import SHRINKAGE_GRID, GaussianRouter, Moments, stack_moments
+
+    x0, _ = _pairs(300, 0)
+    x1 = x0[:, torch.randperm(16, generator=torch.Generator().manual_seed(1))]
+    x, labels = torch.cat([x0[:60], x1[:60]]), torch.arange(2).repeat_interleave(60)
+    router = GaussianRouter((16,), 2)
+    router.fit(x, labels, torch.Generator().manual_seed(0))
+    assert float(router.chosen) in SHRINKAGE_GRID
+    xt = torch.cat([x0[60:], x1[60:]])
+    yt = torch.arange(2).repeat_interleave(240)
+    assert float((router(xt).argmax(-1) == yt).float().mean()) >= 0.97
+    # everything on the identity's target (shrinkage 1): the correlations are gone
+    flat = GaussianRouter((16,), 2, shrinkage=1.0)
+    flat.fit(x, labels, torch.Generator().manual_seed(0))
+    assert float((flat(xt).argmax(-1) == yt).float().mean()) < 0.8
+    # streamed moments (batch by batch) equal the moments of all samples at once
+    moments = [Moments(16), Moments(16)]
+    for k, xs in enumerate((x0, x1)):
+        for b in range(0, 300, 7):
+            moments[k].update(xs[b : b + 7])
+    n, loc, cov = stack_moments(moments)
+    assert torch.equal(n, torch.tensor([300.0, 300.0], dtype=torch.float64))
+    assert torch.allclose(loc[1], x1.double().mean(0))
+    assert torch.allclose(cov[1], torch.cov(x1.double().T))
+
+
+def test_memory_is_shared_and_the_buffers_hold_different_samples() -> None:
+    """R_k keeps the items S ranks last (keys 1 - key), so S and R_k are disjoint; the
+    selector trains on S and every R_k, expert k retrains on R_k and S's items of k."""
+    learner = TAME(input_shape=(8,), n_classes=2, batch_size=10, selector_capacity=40,
+                   retrain_capacity=30)
+    learner._spawn()
+    x = _items(400, seed=3)
+    y = torch.zeros(400, dtype=torch.long)
+    for s in range(0, 400, 10):
+        learner._remember(x[s : s + 10], y[s : s + 10], int(s >= 200))
+    xs, _, ls = learner.selector_buffer.items()
+    for k in range(2):
+        xr, _, _ = learner.retrain_buffers[k].items()
+        assert len(xr) == 30 and int((ls == k).sum()) == 20
+        assert not (torch.cdist(xs, xr) == 0).any()  # disjoint
+        xk, _, lk = learner._memory(k)
+        assert len(xk) == 50 and (lk == k).all()
+    xm, _, lm = learner._memory()
+    assert torch.equal(torch.bincount(lm), torch.tensor([50, 50]))
+    assert len(torch.unique(xm, dim=0)) == 100
+    learner.share_memory = False  # the paper's split: S for the selector, R_k for expert k
+    assert len(learner._memory()[0]) == 40 and len(learner._memory(0)[0]) == 30
