@@ -40,7 +40,9 @@ class StreamBuilder:
     def __init__(
         self,
         *,
-        source: str | SourceData = "digits",
+        # a name or a file path; from Python also a SourceData. Annotated `str` alone: with a
+        # union, jsonargparse reads an existing file's *contents* in place of its path.
+        source: str = "digits",
         source_args: dict[str, Any] | None = None,
         root: str | None = None,
         download: bool = False,

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -136,6 +137,12 @@ def from_arrays(
             f"{where}: train samples are {shape_tr} but test samples are {shape_te}; "
             "both splits need one sample shape"
         )
+    if len(shape_tr) == 3 and shape_tr[2] in (1, 3, 4) and min(shape_tr[:2]) > shape_tr[2]:
+        warnings.warn(
+            f"{where}: samples of shape {shape_tr} look channels-last (H, W, C); adaptlab "
+            "reads images as (C, H, W): pass x.transpose(0, 3, 1, 2) if they are",
+            stacklevel=2,
+        )
     if xs["x_train"].dtype != xs["x_test"].dtype:
         raise SourceError(
             f"{where}: x_train is {xs['x_train'].dtype} but x_test is {xs['x_test'].dtype}; "
@@ -153,7 +160,7 @@ def from_arrays(
         y = ys[f"y_{split}"]
         raise SourceError(
             f"{where}: y_{split} labels span [{int(y.min())}, {int(y.max())}], expected "
-            f"[0, {n_classes})"
+            f"[0, {n_classes}) (n_classes={n_classes} was given)"
         )
     if n_classes < 2:
         raise SourceError(f"{where}: a classifier needs at least 2 classes, got {n_classes}")
@@ -309,9 +316,14 @@ def load_file(path: PathLike, *, name: str | None = None) -> SourceData:
         else:
             content = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # a truncated, foreign or pickled file
+        if path.suffix == ".pt" and "weights_only" in str(err).replace(" ", "_").lower():
+            raise DatasetFormatError(
+                f"{path}: holds objects other than tensors (e.g. numpy arrays), which are not "
+                "unpickled; save tensors (torch.from_numpy) or use numpy.savez (.npz)"
+            ) from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(err).splitlines()[0]) if str(err) else ""
         raise DatasetFormatError(
-            f"{path}: not a readable {path.suffix} file ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})"
+            f"{path}: not a readable {path.suffix} file ({type(err).__name__}: {first})"
         ) from None
     if not isinstance(content, Mapping):
         raise DatasetFormatError(f"{path}: holds {type(content).__name__}, expected a dict")
@@ -446,9 +458,11 @@ def _load_named(name: str, args_json: str) -> SourceData:
     try:
         result = loader(**args)
     except TypeError as err:
-        if "argument" in str(err):  # the loader's signature does not take these source_args
+        if "argument" in str(err) and err.__traceback__.tb_next is None:  # the call itself
             raise SourceError(f"source_args: {err} (source {name!r})") from None
-        raise
+        raise _loader_failed(name, err) from err
+    except Exception as err:  # the user's code: name it, keep the trace for ADAPTLAB_DEBUG
+        raise _loader_failed(name, err) from err
     if isinstance(result, SourceData):
         return result
     label = source_name(name)
@@ -463,6 +477,13 @@ def _load_named(name: str, args_json: str) -> SourceData:
     raise SourceError(
         f"source {name!r}: the loader returned {type(result).__name__}; expected a SourceData, "
         "a dict with x_train, y_train, x_test, y_test, or that 4-tuple"
+    )
+
+
+def _loader_failed(name: str, err: BaseException) -> SourceError:
+    return SourceError(
+        f"source {name!r}: the loader raised {type(err).__name__}: {err} (ADAPTLAB_DEBUG=1 "
+        "shows the trace)"
     )
 
 
@@ -485,6 +506,11 @@ def _resolve_loader(name: str) -> Loader:
         if not callable(loader):
             raise SourceError(f"source {name!r}: {attr} is not callable")
         return loader
+    if Path(name).suffix or Path(name).exists():
+        raise SourceError(
+            f"source {name!r}: only .npz and .pt files are read; save x_train, y_train, "
+            "x_test, y_test with numpy.savez (.npz) or as tensors with torch.save (.pt)"
+        )
     raise SourceError(
         f"unknown source {name!r}; valid sources: {', '.join(available_sources())}, "
         "a .npz/.pt file path, or 'module:function' (see README, \"Your own data\")"

@@ -113,6 +113,15 @@ class Split(StreamBuilder):
 
     def _make_segments(self, src: SourceData) -> list[SegmentData]:
         groups = self._groups(src)
+        named = sorted({int(c) for g in groups for c in g})
+        for split, y in (("training", src.y_train), ("test", src.y_test)):
+            absent = sorted(set(named) - set(torch.unique(y).tolist()))
+            if absent:
+                raise ValueError(
+                    f"segments: classes {absent[:10]}{' …' if len(absent) > 10 else ''} have no "
+                    f"{split} samples in source {src.name!r}; remap the labels to 0..n-1 or "
+                    "name the segments' classes explicitly (`segments:`)"
+                )
         keep = [self._shares(groups, src.y_train, 0), self._shares(groups, src.y_test, 1)]
         out = []
         for s, g in enumerate(groups):

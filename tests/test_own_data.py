@@ -180,7 +180,8 @@ BAD = [
      "them: y.astype(int))"),
     ("NaN", {"x_train": "nan"},
      "x_train: NaN or inf at sample 3 (after the cast to float32); clean or drop those samples"),
-    ("label out of range", {"n_classes": 5}, "y_train labels span [0, 9], expected [0, 5)"),
+    ("label out of range", {"n_classes": 5},
+     "y_train labels span [0, 9], expected [0, 5) (n_classes=5 was given)"),
     ("negative label", {"y_test": "negative"},
      "y_test: label -1 is negative; class ids run from 0 to n_classes - 1"),
     ("shape mismatch", {"x_test": "short"},
@@ -263,6 +264,44 @@ def test_loader_arguments_it_does_not_take(tmp_path, monkeypatch, capsys) -> Non
     assert info.value.code == 1
     assert err[-1] == ("adaptlab: error: source_args: load_waves() got an unexpected keyword "
                        "argument 'bogus' (source 'my_data:load_waves')")
+
+
+def test_more_user_mistakes_are_one_line(tmp_path, monkeypatch, capsys) -> None:
+    """What a new user tried (a review): a .csv file, a loader that raises, a .pt of numpy
+    arrays, labels with gaps or huge ids."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "t.csv").write_text("1,2\n3,4\n")
+    (tmp_path / "flaky.py").write_text("def load():\n    raise RuntimeError('db down')\n")
+    data = signals(100)
+    torch.save(dict(data), tmp_path / "arrays.pt")
+    gaps = {k: (v * 2 if k.startswith("y") else v) for k, v in data.items()}  # 0, 2, …, 18
+    np.savez(tmp_path / "gaps.npz", **gaps)
+    cases = {
+        "t.csv": "source 't.csv': only .npz and .pt files are read; save x_train, y_train, "
+                 "x_test, y_test with numpy.savez (.npz) or as tensors with torch.save (.pt)",
+        "flaky:load": "source 'flaky:load': the loader raised RuntimeError: db down "
+                      "(ADAPTLAB_DEBUG=1 shows the trace)",
+        "arrays.pt": f"{tmp_path / 'arrays.pt'}: holds objects other than tensors (e.g. numpy "
+                     "arrays), which are not unpickled; save tensors (torch.from_numpy) or use "
+                     "numpy.savez (.npz)",
+        "gaps.npz": "segments: classes [1, 3, 5, 7, 9, 11, 13, 15, 17] have no training samples "
+                    "in source 'gaps'; remap the labels to 0..n-1 or name the segments' classes "
+                    "explicitly (`segments:`)",
+    }
+    for source, message in cases.items():
+        with pytest.raises(SystemExit) as info:
+            main(["fit", "--config", str(ROOT / "configs/finetune/split_digits.yaml"),
+                  "--data.stream.init_args.source", source,
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 1 and err[-1] == f"adaptlab: error: {message}", err
+
+
+def test_channels_last_images_are_flagged() -> None:
+    x = np.zeros((20, 12, 12, 3), np.uint8)
+    with pytest.warns(UserWarning, match=r"look channels-last \(H, W, C\)"):
+        from_arrays(x, np.arange(20) % 2, x, np.arange(20) % 2)
 
 
 def test_rotated_refuses_non_images() -> None:
