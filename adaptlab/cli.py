@@ -125,7 +125,9 @@ class AdaptLabCLI(LightningCLI):
         if trainer is not None and self.subcommand == "fit" and (
                 data.get("class_path") == f"{StreamDataModule.__module__}.StreamDataModule"):
             require_whole_stream(trainer)  # a config check: before any logger writes a file
-        if (trainer is not None and self.subcommand == "fit" and not trainer.get("logger")
+        if trainer is not None:
+            refuse_manual_options(trainer)
+        if (trainer is not None and not trainer.get("logger")
                 and not trainer.get("default_root_dir")):
             # without a logger, each run still gets its own folder instead of the current one
             trainer["default_root_dir"] = _next_version(os.path.join("lightning_logs", "no_logger"))
@@ -202,7 +204,40 @@ class AdaptLabCLI(LightningCLI):
     def before_predict(self) -> None:
         """`predict` writes `predictions.pt` (per segment: preds, labels, experts) to the run's
         folder and prints each segment's accuracy; it writes no metrics.json."""
+        self._check_checkpoint_fits()
         self.trainer.callbacks.append(PredictionFile())
+
+    def before_test(self) -> None:
+        self._check_checkpoint_fits()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint_fits()
+
+    def _check_checkpoint_fits(self) -> None:
+        """A checkpoint from another stream is refused in one line before anything runs or
+        is written (its shapes would fail deep in `load_state_dict`)."""
+        path = self.config[self.subcommand].get("ckpt_path")
+        if not path or not os.path.isfile(path) or not isinstance(self.datamodule,
+                                                                   StreamDataModule):
+            return
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        saved = ckpt.get("hyper_parameters", {})
+        for key in ("n_classes", "input_shape"):
+            theirs, mine = saved.get(key), getattr(self.model, key, None)
+            if theirs is not None and mine is not None and _plain(theirs) != _plain(mine):
+                raise ValueError(
+                    f"checkpoint: written for a stream with {key} {_plain(theirs)}, this one has "
+                    f"{_plain(mine)}; resume with the config and data that wrote it"
+                )
+        state = ckpt.get(type(self.datamodule).__qualname__) or {}
+        theirs = state.get("fingerprint")
+        if theirs is not None and self.subcommand == "fit" and (
+                theirs != self.datamodule.stream.fingerprint):
+            raise ValueError(
+                "checkpoint: it was written for another stream (fingerprint "
+                f"{theirs[:12]}… vs {self.datamodule.stream.fingerprint[:12]}…); resume with "
+                "the config and seed that wrote it"
+            )
 
     def before_fit(self) -> None:
         """Fail before training, not after it, when the run cannot write its outputs.
@@ -214,6 +249,7 @@ class AdaptLabCLI(LightningCLI):
                 cb for cb in self.trainer.callbacks if not isinstance(cb, StreamEvaluator)
             ]
         require_one_epoch(self.trainer)
+        self._check_checkpoint_fits()
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         try:
             os.makedirs(log_dir, exist_ok=True)
@@ -273,6 +309,23 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+#: Trainer options that assume Lightning's automatic optimization, and the adaptlab way.
+MANUAL = {
+    "accumulate_grad_batches": (1, "a stream learner updates once per mini-batch; to learn "
+                                "from more samples per update raise the stream's batch_size"),
+    "gradient_clip_val": (None, "stream learners make their own updates (manual "
+                          "optimization), so Lightning's clipping never runs; lower the lr"),
+}
+
+
+def refuse_manual_options(trainer: Any) -> None:
+    """One line for Trainer options stream learners cannot honour, before anything runs."""
+    for key, (neutral, why) in MANUAL.items():
+        value = trainer.get(key)
+        if value is not None and value != neutral:
+            raise ValueError(f"trainer.{key}: {why} (got {value})")
 
 
 def _next_version(folder: str) -> str:

@@ -318,13 +318,18 @@ def require_whole_stream(trainer: Any) -> None:
     mini-batches and `global_step` counts optimizer updates, so `max_steps` would stop at a
     chunk's end with segments never evaluated. (In Python a Trainer's `max_steps` keeps its
     Lightning meaning.) `trainer` is a Trainer or its config."""
-    max_steps = trainer.get("max_steps") if hasattr(trainer, "get") else trainer.max_steps
-    if max_steps not in (-1, None):
-        raise ValueError(
-            f"trainer.max_steps: a run is one pass over the stream (got {max_steps}); "
-            "shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
-            "repeats, or order"
-        )
+    def get(key: str) -> Any:
+        return trainer.get(key) if hasattr(trainer, "get") else getattr(trainer, key)
+
+    for key, whole in (("max_steps", (-1, None)), ("limit_train_batches", (None, 1.0)),
+                       ("fast_dev_run", (None, False, 0))):
+        value = get(key)
+        if value not in whole:
+            raise ValueError(
+                f"trainer.{key}: a run is one pass over the stream (got {value}); "
+                "shorten the stream instead: --data.stream.init_args.max_samples_per_segment "
+                "N, repeats, or order"
+            )
 
 
 def _moved(st: Stream, device: torch.device) -> Stream:

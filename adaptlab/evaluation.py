@@ -100,6 +100,7 @@ class StreamEvaluator(pl.Callback):
         self._next_anytime: int | None = None
         self._logged_at = -1
         self.done = False
+        self.stopped_early = False
 
     # -- helpers ------------------------------------------------------------------------------
     @staticmethod
@@ -296,15 +297,33 @@ class StreamEvaluator(pl.Callback):
         trainer.callback_metrics.update(
             {f"val/acc_exp{j:03d}": torch.tensor(a) for j, a in enumerate(acc)})
         trainer.callback_metrics["val/acc_seen"] = torch.tensor(run["acc_final"])
+        self._early_stopping(trainer, pos)
         self._log_online(trainer, step)
         if not final:
             self._write(trainer, learner, "running")
 
+    def _early_stopping(self, trainer: pl.Trainer, pos: int) -> None:
+        """Segment ends are a stream run's validations: EarlyStopping callbacks check there.
+        Lightning would check once, at the end of the single epoch; its check is private
+        (`_run_early_stopping_check`), the one call made from outside the class."""
+        if pos >= len(trainer.datamodule.stream):
+            return
+        for cb in trainer.early_stopping_callbacks:
+            if cb.monitor in trainer.callback_metrics:
+                cb._run_early_stopping_check(trainer)
+        if trainer.should_stop and trainer.early_stopping_callbacks:
+            self.stopped_early = True
+            print(f"adaptlab: stopped early at sample {pos} by EarlyStopping "
+                  f"({', '.join(cb.monitor for cb in trainer.early_stopping_callbacks)})",
+                  file=sys.stderr, flush=True)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         st = self._stream(trainer)
         complete = bool(self.rows) and self.rows[-1]["position"] == len(st)
-        doc = self._write(trainer, pl_module, "completed" if complete else "interrupted")
-        if complete and not self.done:
+        stopped = not complete and self.stopped_early
+        status = "completed" if complete else "stopped_early" if stopped else "interrupted"
+        doc = self._write(trainer, pl_module, status)
+        if (complete or stopped) and not self.done:  # an early stop reports what it reached
             self.done = True
             self._final_logs(trainer, pl_module, doc)
 
@@ -518,7 +537,8 @@ class StreamEvaluator(pl.Callback):
             R = self.matrix()
             writer.add_figure("Figures/accuracy_matrix", figures.accuracy_matrix(
                 R, [f"{i}: {st.segments[st.segment_index[s]].name}"
-                    for i, s in enumerate(st.row_segments)], [s.name for s in st.segments],
+                    for i, s in enumerate(st.row_segments[: len(R)])],
+                [s.name for s in st.segments],
             ), global_step=step)
             writer.add_figure("Figures/online_accuracy", figures.online_accuracy(
                 self.curve, st.true_shifts, self.window), global_step=step)

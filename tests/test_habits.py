@@ -84,7 +84,7 @@ def test_periodic_checkpoints_fire_at_the_requested_cadence(tmp_path) -> None:
 def test_accuracies_are_monitorable(tmp_path) -> None:
     fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/acc_exp000",
-        "--trainer.callbacks.mode", "max",
+        "--trainer.callbacks.mode", "max", "--trainer.callbacks.patience", "10",
         "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.monitor", "val/acc_seen",
         "--trainer.callbacks.mode", "max", "--trainer.callbacks.every_n_train_steps", "4",
         "--trainer.callbacks.filename", "best", "--trainer.callbacks.save_top_k", "1")
@@ -195,3 +195,60 @@ def test_readme_resume_snippet_is_resumable(tmp_path) -> None:
     assert resumed["status"] == "completed"
     assert resumed["accuracy_matrix"] == whole["accuracy_matrix"]
     assert resumed["final"] == whole["final"]
+
+
+def test_early_stopping_acts_at_segment_ends(tmp_path, capsys) -> None:
+    """Finetune forgets segment 0 as soon as segment 1 is learnt: EarlyStopping on its accuracy
+    (patience 0) stops the run at the second segment end, and the run reports what it reached."""
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/acc_exp000",
+        "--trainer.callbacks.mode", "max", "--trainer.callbacks.patience", "0")
+    [doc] = metrics(tmp_path)
+    rows = doc["accuracy_matrix"]["rows"]
+    assert doc["status"] == "stopped_early" and len(rows) == 2
+    assert rows[1]["acc"][0] < rows[0]["acc"][0]
+    assert "stopped early at sample 80" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("accumulate_grad_batches", "2", "trainer.accumulate_grad_batches: a stream learner updates "
+     "once per mini-batch; to learn from more samples per update raise the stream's batch_size "
+     "(got 2)"),
+    ("gradient_clip_val", "1.0", "trainer.gradient_clip_val: stream learners make their own "
+     "updates (manual optimization), so Lightning's clipping never runs; lower the lr (got 1.0)"),
+    ("limit_train_batches", "2", "trainer.limit_train_batches: a run is one pass over the stream "
+     "(got 2.0); shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
+     "repeats, or order"),
+    ("fast_dev_run", "true", "trainer.fast_dev_run: a run is one pass over the stream (got "
+     "True); shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
+     "repeats, or order"),
+])
+def test_trainer_options_stream_runs_cannot_honour(option, value, message, tmp_path,
+                                                   capsys) -> None:
+    logs = tmp_path / "logs"
+    code, err = refused(["fit", "--config", FINETUNE, f"--trainer.{option}", value,
+                         "--trainer.logger.init_args.save_dir", str(logs)], capsys)
+    assert code == 1 and err.splitlines()[-1] == f"adaptlab: error: {message}"
+    assert not logs.exists()
+
+
+def test_checkpoint_from_other_data_is_refused_before_anything_runs(tmp_path, capsys) -> None:
+    import numpy as np
+
+    fit(FINETUNE, "--trainer.logger.init_args.save_dir", str(tmp_path / "digits"))
+    ckpt = str(next((tmp_path / "digits").rglob("*.ckpt")))
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 6
+    np.savez(tmp_path / "six.npz", x_train=rng.normal(size=(200, 20)), y_train=y[:200],
+             x_test=rng.normal(size=(100, 20)), y_test=y[200:])
+    logs = tmp_path / "logs"
+    for extra, message in [
+        (["--data.stream.init_args.source", str(tmp_path / "six.npz")],
+         "checkpoint: written for a stream with n_classes 10, this one has 6; resume with the "
+         "config and data that wrote it"),
+        (["--data.stream.init_args.seed", "3"], "checkpoint: it was written for another stream"),
+    ]:
+        code, err = refused(["fit", "--config", FINETUNE, *SMALL, *extra, "--ckpt_path", ckpt,
+                             "--trainer.logger.init_args.save_dir", str(logs)], capsys)
+        assert code == 1 and err.splitlines()[-1].startswith(f"adaptlab: error: {message}")
+        assert not logs.exists()

@@ -44,7 +44,7 @@ def table(dirs: list[str], root: str | None = None, include_unfinished: bool = F
              "|---|---|---|" + "---:|" * len(COLUMNS) + "---|"]
     for d in dirs:
         doc = json.load(open(os.path.join(d, "metrics.json")))
-        if doc.get("status") != "completed" and not include_unfinished:
+        if doc.get("status") not in ("completed", "stopped_early") and not include_unfinished:
             continue
         run = json.load(open(os.path.join(d, "run.json"))) if os.path.exists(
             os.path.join(d, "run.json")) else {}
