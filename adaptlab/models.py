@@ -129,7 +129,10 @@ def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs)
     try:
         model = MODELS[name](tuple(input_shape), int(n_classes), **kwargs)
     except TypeError as err:
-        raise ValueError(f"backbone_args: {err} (backbone {name!r})") from None
+        raise ValueError(
+            f"backbone_args: {err} (backbone {name!r}; arguments kept from a config written for "
+            "another backbone are cleared with --model.init_args.backbone_args '{}')"
+        ) from None
     try:
         with torch.no_grad():
             was = model.training
