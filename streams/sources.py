@@ -57,6 +57,7 @@ ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 PathLike = str | os.PathLike[str]
 log = logging.getLogger(__name__)
+CLEAR_ARGS = "a config's source_args are cleared with --data.stream.init_args.source_args '{}'"
 
 
 class SourceError(ValueError):
@@ -400,7 +401,7 @@ def load_source(
         if args:
             raise SourceError(
                 f"source_args: built-in source {source!r} takes none (it reads root, download, "
-                "split_seed)"
+                f"split_seed); {CLEAR_ARGS}"
             )
         from .datasets import load_builtin
 
@@ -413,7 +414,7 @@ def load_source(
         if root is not None and not path.is_absolute():
             path = Path(root).expanduser() / path
         if args:
-            raise SourceError(f"source_args: a file source ({source!r}) takes none")
+            raise SourceError(f"source_args: a file source ({source!r}) takes none; {CLEAR_ARGS}")
         if not path.is_file():
             raise DatasetNotFoundError(
                 f"source file {source!r} not found (looked at {str(path.resolve())!r})"

@@ -23,14 +23,13 @@ COLUMNS = [
 
 
 def runs(paths: list[str]) -> list[str]:
-    found = []
+    """Every folder holding a metrics.json at or below the given paths (a stray metrics.json
+    in a parent folder does not hide the runs beneath it)."""
+    found: list[str] = []
     for p in paths:
-        if os.path.isfile(os.path.join(p, "metrics.json")):
-            found.append(p)
-        else:
-            found += sorted(os.path.dirname(m) for m in glob.glob(
-                os.path.join(p, "**", "metrics.json"), recursive=True))
-    return found
+        found += sorted(os.path.dirname(m) for m in glob.glob(
+            os.path.join(p, "**", "metrics.json"), recursive=True))
+    return list(dict.fromkeys(found))
 
 
 def fmt(v: object) -> str:
