@@ -519,7 +519,7 @@ class BurstyTokenStream(StreamBuilder):
         sequences_per_segment: int = 512_000,
         order: list[int] | None = None,
         batch_size: int = 32,
-        seed: int = 0,
+        seed: int | None = None,
         eval_seed: int = 1234,
         n_eval: int = 512,
         n_test: int = 512,
@@ -545,9 +545,10 @@ class BurstyTokenStream(StreamBuilder):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {val!r}")
         self.sequences_per_segment, self.batch_size = sequences_per_segment, batch_size
-        self.seed, self.eval_seed, self.n_eval, self.n_test = seed, eval_seed, n_eval, n_test
+        self.seed = 0 if seed is None else int(seed)  # the CLI fills it from seed_everything
+        self.eval_seed, self.n_eval, self.n_test = eval_seed, n_eval, n_test
         self.block = block
-        self.maps = [SegmentMaps.build(self.task.vocab, seed, s.get("label_permutation_seed"),
+        self.maps = [SegmentMaps.build(self.task.vocab, self.seed, s.get("label_permutation_seed"),
                                        s.get("rank_permutation_seed"))
                      for s in self.segment_specs]
 
@@ -851,7 +852,7 @@ class ContextStream(StreamBuilder):
     def __init__(
         self, *, family: str = "tokcls4", n_tasks: int = 4, order: list[int] | None = None,
         examples_per_segment: int = 64, batch_size: int = 4, size: str = "tiny",
-        n_items: int = 64, n_labels: int = 16, n_test: int = 256, seed: int = 0,
+        n_items: int = 64, n_labels: int = 16, n_test: int = 256, seed: int | None = None,
     ) -> None:
         if family not in FAMILIES or family in REGRESSION:
             raise ValueError(f"family: a context stream needs a label family, one of "
@@ -868,7 +869,8 @@ class ContextStream(StreamBuilder):
         if not self.order or any(not 0 <= o < n_tasks for o in self.order):
             raise ValueError(f"order: task ids must be in [0, {n_tasks}), got {order!r}")
         self.family, self.n_tasks, self.per = family, n_tasks, examples_per_segment
-        self.batch_size, self.size, self.n_test, self.seed = batch_size, size, n_test, seed
+        self.batch_size, self.size, self.n_test = batch_size, size, n_test
+        self.seed = 0 if seed is None else int(seed)  # the CLI fills it from seed_everything
         self.vocab = FamilyVocab(n_items, n_labels)
 
     def params(self) -> dict[str, Any]:

@@ -218,7 +218,7 @@ class POSMaskedStream(StreamBuilder):
 
     def __init__(self, *, n_tokens: int = 1000, n_holdout: int | None = None,
                  zipf_alpha: float = 1.5, switch_prob: float = 0.1, band: float = 0.1,
-                 sequences: int = 1_000_000, batch_size: int = 128, seed: int = 0,
+                 sequences: int = 1_000_000, batch_size: int = 128, seed: int | None = None,
                  eval_seed: int = 1234, n_eval: int = 1000, n_test: int = 512,
                  block: int = 4096) -> None:
         self.task = POSMaskedTask(n_tokens, n_holdout, zipf_alpha, switch_prob, band)
@@ -227,7 +227,8 @@ class POSMaskedStream(StreamBuilder):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {val!r}")
         self.sequences, self.batch_size, self.block = sequences, batch_size, block
-        self.seed, self.eval_seed, self.n_eval, self.n_test = seed, eval_seed, n_eval, n_test
+        self.seed = 0 if seed is None else int(seed)  # the CLI fills it from seed_everything
+        self.eval_seed, self.n_eval, self.n_test = eval_seed, n_eval, n_test
 
     def params(self) -> dict[str, Any]:
         return {"task": self.task.params(), "sequences": self.sequences,
