@@ -579,3 +579,22 @@ def test_memory_is_shared_and_the_buffers_hold_different_samples() -> None:
     assert len(torch.unique(xm, dim=0)) == 100
     learner.share_memory = False  # the paper's split: S for the selector, R_k for expert k
     assert len(learner._memory()[0]) == 40 and len(learner._memory(0)[0]) == 30
+
+
+def test_pruning_that_cannot_be_verified_keeps_the_expert_dense() -> None:
+    """With fewer than MIN_CHECK held-out samples the pruned expert cannot be re-checked, so it
+    is not pruned at all (an unverified 98 % cut wrecked Permuted-Digits experts)."""
+    from adaptlab.strategies.tame import MIN_CHECK
+
+    stream = split(source="digits", labels="local", batch_size=10, repeats=2, seed=0,
+                   max_samples_per_segment=60)
+    tiny = TAME(**learner_kwargs(stream, backbone="mlp", backbone_args={"hidden": [16]},
+                                 selector_capacity=10, retrain_capacity=4 * MIN_CHECK // 8,
+                                 share_memory=False, prune_when="end"))
+    ev = StreamEvaluator(print_table=False, figures=False)
+    pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+               num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ev]).fit(
+        tiny, datamodule=StreamDataModule(stream, batches_per_step=10))
+    assert not bool(tiny.pool.pruned.any())
+    weights = [w for e in tiny.pool.experts for _, w in e.named_parameters() if w.dim() > 1]
+    assert all(bool((w != 0).float().mean() > 0.9) for w in weights)
