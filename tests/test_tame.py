@@ -581,7 +581,7 @@ def test_memory_is_shared_and_the_buffers_hold_different_samples() -> None:
     assert len(learner._memory()[0]) == 40 and len(learner._memory(0)[0]) == 30
 
 
-def test_pruning_that_cannot_be_verified_keeps_the_expert_dense() -> None:
+def test_pruning_that_cannot_be_verified_keeps_the_expert_dense(tmp_path) -> None:
     """With fewer than MIN_CHECK held-out samples the pruned expert cannot be re-checked, so it
     is not pruned at all (an unverified 98 % cut wrecked Permuted-Digits experts)."""
     from adaptlab.strategies.tame import MIN_CHECK
@@ -593,7 +593,8 @@ def test_pruning_that_cannot_be_verified_keeps_the_expert_dense() -> None:
                                  share_memory=False, prune_when="end"))
     ev = StreamEvaluator(print_table=False, figures=False)
     pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ev]).fit(
+               num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ev],
+               default_root_dir=str(tmp_path)).fit(
         tiny, datamodule=StreamDataModule(stream, batches_per_step=10))
     assert not bool(tiny.pool.pruned.any())
     weights = [w for e in tiny.pool.experts for _, w in e.named_parameters() if w.dim() > 1]
