@@ -252,3 +252,21 @@ def test_checkpoint_from_other_data_is_refused_before_anything_runs(tmp_path, ca
                              "--trainer.logger.init_args.save_dir", str(logs)], capsys)
         assert code == 1 and err.splitlines()[-1].startswith(f"adaptlab: error: {message}")
         assert not logs.exists()
+
+
+def test_the_cli_is_quiet(tmp_path) -> None:
+    """`make run`-style output: the progress bar, then the results table; no banners, tips,
+    model summary or warnings that say nothing about the run."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "adaptlab.cli", "fit", "--config", FINETUNE, *SMALL[:-2],
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    for noise in ("Tip:", "GPU available", "Trainable params", "LeafSpec", "log_every_n_steps",
+                  "Total length of", "Warning", "warn("):
+        assert noise not in text, noise
+    assert "accuracy matrix" in out.stdout and "metrics.json:" in out.stdout
