@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _main(args: argparse.Namespace) -> str:
+    import pytorch_lightning  # noqa: F401  (it sets its loggers' levels when first imported)
+
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
