@@ -377,7 +377,7 @@ def _not_found(
     lines = [f"source {source!r}: dataset files not found under root {str(root)!r}"]
     if root is not None and not Path(root).is_dir():
         lines[0] += " (the root folder does not exist)"
-    lines += ["missing:"] + ["  " + " or ".join(map(str, alts)) for alts in missing]
+    lines.append("missing: " + "; ".join(" or ".join(map(str, alts)) for alts in missing))
     if source.endswith("_c"):
         url = _C_URLS[source[: -len("_c")]]
         lines.append(f"fix: {_fix_hint(folder, False)} (no download; get it from {url})")

@@ -64,8 +64,10 @@ def test_fit_writes_metrics_json_and_tensorboard_events(tmp_path):
     assert "Figures/accuracy_matrix" in tags["images"]
     stream_acc = acc.Scalars("Top1_Acc_Stream/eval_phase/test_stream")
     assert stream_acc[-1].value == pytest.approx(final["acc_final_weighted"], abs=1e-6)
-    plugins = acc.PluginTagToContent("hparams") if "hparams" in acc.summary_metadata else None
-    assert plugins is None or plugins  # hparams are written through the logger
+    # the HPARAMS tab: hyper-parameters (no parser internals) paired with the final metrics
+    start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"learner/lr" in start and b"stream/name" in start and b"_class_path" not in start
+    assert acc.Scalars("final/acc_final")[-1].value == pytest.approx(final["acc_final"], abs=1e-6)
 
 
 def test_unknown_config_key_is_one_clear_error(tmp_path):

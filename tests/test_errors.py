@@ -7,6 +7,7 @@ Entries run the real CLI in-process (`adaptlab.cli.main`), as `adaptlab fit` wou
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,25 @@ def _file(p: Path) -> Path:
     return p
 
 
+def readme_catalogue() -> dict[str, tuple[int, str]]:
+    """README "Errors" rows: name -> (exit code, message); `…` elides a machine-specific part."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) == 4 and cells[2].isdigit() and cells[3].startswith("adaptlab: error:"):
+            rows[cells[0]] = (int(cells[2]), cells[3].replace("\\|", "|"))
+    return rows
+
+
+README_ROWS = readme_catalogue()
+
+
+def matches(message: str, line: str) -> bool:
+    """The whole line, with each `…` standing for any text."""
+    pattern = ".*".join(re.escape(part) for part in message.split("…"))
+    return re.fullmatch(pattern, line) is not None
+
+
 @pytest.mark.parametrize(("name", "extra", "fragment"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
 def test_bad_input_gives_one_clear_error(name, extra, fragment, tmp_path, capsys,
                                          source_writers, finished_run):
@@ -117,6 +137,9 @@ def test_bad_input_gives_one_clear_error(name, extra, fragment, tmp_path, capsys
     code, err = cli(fit(FINETUNE, *args, logs=logs), capsys)
     assert code != 0, name
     assert fragment in err, err[-1500:]
+    exit_code, message = README_ROWS[name]  # what the README promises, exactly
+    assert code == exit_code, (name, code)
+    assert matches(message, err.strip().splitlines()[-1]), (message, err[-600:])
     assert "Traceback" not in err
     assert digest(earlier) == before  # what the earlier run wrote is untouched
     for doc in logs.rglob("metrics.json"):  # a failed run says so in its own folder
@@ -179,7 +202,7 @@ SA_CONTEXT = str(ROOT / "configs/stream_adapter/context_stream.yaml")
 def _weak_base(t: Path) -> str:
     """A Stage A export whose `icl_check` failed (an untrained base)."""
     from adaptlab.models import TinyGPT
-    from strategies.icl_families import BASE_FORMAT, state_hash
+    from adaptlab.strategies.icl_families import BASE_FORMAT, state_hash
 
     arch = {"vocab_size": 83, "n_positions": 20, "n_layer": 1, "d_model": 16, "n_head": 2,
             "d_mlp": 32, "pad_id": 82, "d_value": 8, "reg_head": True}

@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptlab.models import TinyGPT
-from strategies.stream_adapter import AdaptedGPT, ContextMapper, read_state
+from adaptlab.strategies.stream_adapter import AdaptedGPT, ContextMapper, read_state
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,8 @@ import torch
 
 from adaptlab.models import TinyGPT
 from adaptlab.streams.icl import FAMILIES, FamilyVocab, value_dim
-from strategies.icl_families import BASE_FORMAT, state_hash
-from strategies.stream_adapter import ADAPTER_FORMAT, AdaptedGPT
+from adaptlab.strategies.icl_families import BASE_FORMAT, state_hash
+from adaptlab.strategies.stream_adapter import ADAPTER_FORMAT, AdaptedGPT
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

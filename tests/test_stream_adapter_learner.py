@@ -23,7 +23,7 @@ from adaptlab.data import StreamDataModule
 from adaptlab.episodes import EpisodeDataModule, draw_k
 from adaptlab.evaluation import StreamEvaluator
 from adaptlab.streams.icl import ContextStream, FamilyVocab
-from strategies.icl_families import (
+from adaptlab.strategies.icl_families import (
     FamilyInContextLearner,
     distill_loss,
     family_loss,
@@ -33,7 +33,7 @@ from strategies.icl_families import (
     state_hash,
     zero_shot_outputs,
 )
-from strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
+from adaptlab.strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
 from tests.helpers import Crash
 
 torch.set_num_threads(1)
