@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from adaptlab.models import TinyGPT
-from adaptlab.streams.icl import FAMILIES, FamilyVocab, value_dim
 from adaptlab.strategies.icl_families import BASE_FORMAT, state_hash
 from adaptlab.strategies.stream_adapter import ADAPTER_FORMAT, AdaptedGPT
+from adaptlab.streams.icl import FAMILIES, FamilyVocab, value_dim
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -22,7 +22,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from adaptlab.data import StreamDataModule
 from adaptlab.episodes import EpisodeDataModule, draw_k
 from adaptlab.evaluation import StreamEvaluator
-from adaptlab.streams.icl import ContextStream, FamilyVocab
 from adaptlab.strategies.icl_families import (
     FamilyInContextLearner,
     distill_loss,
@@ -34,6 +33,7 @@ from adaptlab.strategies.icl_families import (
     zero_shot_outputs,
 )
 from adaptlab.strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
+from adaptlab.streams.icl import ContextStream, FamilyVocab
 from tests.helpers import Crash
 
 torch.set_num_threads(1)
