@@ -157,7 +157,12 @@ def _load_idx_source(name: str, root: PathLike | None, download: bool) -> Source
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse one IDX file: big-endian magic and dims, then the uint8 data."""
+    """Parse one IDX file: big-endian magic and dims, then the uint8 data.
+
+    Not torchvision's `read_sn3_pascalvincent_tensor`: it opens only uncompressed files (the
+    `.gz` archives a user copies are refused) and reports a bad magic number or a truncated file
+    with a bare `AssertionError`; here each gives a one-line `DatasetFormatError` naming the file.
+    """
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
