@@ -275,17 +275,24 @@ class ShiftDetector(nn.Module):
         self.s_all = torch.where(torch.isnan(self.s_all), loss,
                                  self.alpha * loss + (1 - self.alpha) * self.s_all)
 
-    def update(self, loss: float | torch.Tensor) -> bool:
-        """Single-signal use (channel 0, created on first call with the first loss as seed):
-        refresh, decide, commit. On a shift the channel restarts from the firing loss."""
+    def update(self, loss: float | torch.Tensor, seed: float | None = None) -> bool:
+        """Single-signal use (channel 0): refresh, decide, commit.
+
+        `seed` None: the first loss seeds the channel and a shift restarts it from the firing
+        loss (the learner carries on, so that loss is the new regime's). A fixed `seed` (e.g.
+        the zero-shot loss ln C) seeds it at creation and after a shift, and the firing loss is
+        not committed: for a learner that itself restarts on a shift (StreamAdapter's state
+        reset), whose next losses are the seed's, not the firing one's.
+        """
         value = float(loss)
         if self.n_channels == 0:
-            self.add_channel(value)
+            self.add_channel(value if seed is None else seed)
         self.refresh_threshold(0)
-        c = self.candidate(torch.tensor([value]))[0]
+        c = self.candidate(torch.tensor([value], device=self.sbar.device))[0]
         if self.fired(0, c, value):
-            self.reset_channel(0, seed=value)
-            self.commit(0, value)
+            self.reset_channel(0, seed=value if seed is None else seed)
+            if seed is None:
+                self.commit(0, value)
             return True
         self.commit(0, value)
         return False
