@@ -1,4 +1,4 @@
-"""The standard dataset files, parsed into whole tensors (spec `streams.md` §2).
+"""The standard dataset files, parsed into whole tensors (README, "Your own data").
 
 adaptlab parses the files itself instead of going through torchvision's dataset classes:
 those check every CIFAR file's MD5 (which rules out tiny test fixtures) and convert one PIL

@@ -1,4 +1,4 @@
-"""Run the forgetting regimes and report the dual-process claims (spec `forgetting.md` §8).
+"""Run the forgetting regimes and report the dual-process claims (docs/methods/forgetting.md).
 
     python tools/forgetting_report.py --seeds 0 1 2                 # bursty CPU configs
     python tools/forgetting_report.py --suite bursty_paper --seeds 0 1 2
