@@ -6,11 +6,12 @@ from .icl_families import FamilyInContextLearner
 from .in_context import InContextLearner
 from .joint import Joint
 from .replay import Replay
-from .stream_adapter import SegmentReset, StreamAdapter
+from .stream_adapter import SegmentReset, StreamAdapter, TestTimeStreamAdapter
 from .tame import TAME
 
 __all__ = [
     "TAME", "EmbeddingForgetting", "FamilyInContextLearner", "Finetune", "InContextLearner",
     "Joint",
     "ProbabilisticEmbeddingForgetting", "Replay", "SegmentReset", "StreamAdapter",
+    "TestTimeStreamAdapter",
 ]

@@ -28,6 +28,8 @@ from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import TinyGPT
 from adaptlab.streams.icl import FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
 
+from .in_context import evaluate_and_log
+
 REG_IDS = tuple(FAMILIES.index(f) for f in REGRESSION)
 BASE_FORMAT = "adaptlab.tinygpt/1"
 
@@ -226,18 +228,17 @@ class EpisodicTraining:
 
     def evaluate_and_log(self) -> dict[str, dict[int, dict[str, float]]]:
         """Evaluate once per optimizer step (at most), keep the curve, log its scalars."""
-        if not (self.curves and self.curves[-1]["step"] == self.update_steps):
-            curve = self.curve()
-            self.curves.append({"step": self.update_steps, "curve": curve})
-            if self.logger is not None and self.trainer.is_global_zero:
-                vals = {f"{self.curve_prefix}/{f}/k{k}": row["skill"]
-                        for f, by_k in curve.items() for k, row in by_k.items()}
-                w = self.task["window"]
-                for name, fams in (("seen", SEEN), ("unseen", UNSEEN)):
-                    if any(f in curve and w in curve[f] for f in fams):
-                        vals[f"{self.curve_prefix}/{name}/kW"] = average_skill(curve, fams, w)
-                self.logger.log_metrics(vals, step=self.update_steps)
-        return self.curves[-1]["curve"]
+        return evaluate_and_log(self, self.curve, self.curve_scalars, field="curve")["curve"]
+
+    def curve_scalars(self, curve: dict[str, dict[int, dict[str, float]]]) -> dict[str, float]:
+        """`<prefix>/<family>/k<k>` skills and the seen/unseen averages at k = W."""
+        vals = {f"{self.curve_prefix}/{f}/k{k}": row["skill"]
+                for f, by_k in curve.items() for k, row in by_k.items()}
+        w = self.task["window"]
+        for name, fams in (("seen", SEEN), ("unseen", UNSEEN)):
+            if any(f in curve and w in curve[f] for f in fams):
+                vals[f"{self.curve_prefix}/{name}/kW"] = average_skill(curve, fams, w)
+        return vals
 
     def log_curve_figure(self, tag: str, curves: dict[str, Any], title: str) -> None:
         """A `demo_curve_figure` of `curves` (method -> curve) in TensorBoard."""

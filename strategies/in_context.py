@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -299,15 +299,7 @@ class InContextLearner(StreamLearner):
         return out
 
     def _evaluate_and_log(self) -> None:
-        vals = self.evaluate()
-        if not vals:
-            return
-        step = self.update_steps
-        if self.curves and self.curves[-1]["step"] == step:
-            return
-        self.curves.append({"step": step, **vals})
-        if self.logger is not None and self.trainer.is_global_zero:
-            self.logger.log_metrics({k: v for k, v in vals.items() if math.isfinite(v)}, step=step)
+        evaluate_and_log(self, self.evaluate, dict)
 
     def on_train_start(self) -> None:
         if self.eval_every and self.update_steps == 0:
@@ -351,6 +343,30 @@ class InContextLearner(StreamLearner):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.curves = list(state.get("curves", []))
+
+
+def evaluate_and_log(
+    learner: StreamLearner, evaluate: Callable[[], dict[str, Any]],
+    scalars: Callable[[dict[str, Any]], dict[str, float]], field: str | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate at most once per optimizer step, keep the result in `learner.curves` and log
+    its finite scalars: the one path of every in-context learner's periodic evaluation.
+
+    The entry is `{"step", **result}`, or `{"step", field: result}` for a nested result (a
+    demo curve). Returns the step's entry, or None when `evaluate` gave nothing.
+    """
+    step = learner.update_steps
+    if learner.curves and learner.curves[-1]["step"] == step:
+        return learner.curves[-1]
+    result = evaluate()
+    if not result:
+        return None
+    entry = {"step": step, field: result} if field else {"step": step, **result}
+    learner.curves.append(entry)
+    if learner.logger is not None and learner.trainer.is_global_zero:
+        learner.logger.log_metrics(
+            {k: v for k, v in scalars(result).items() if math.isfinite(v)}, step=step)
+    return entry
 
 
 @contextmanager

@@ -1,5 +1,5 @@
 """StreamAdapter as a learner: Stage A (`FamilyInContextLearner`), Stage B meta-training, the
-test-time context stream (`mode: stream`), exports, errors and resume (spec §5, §6, §8).
+test-time context stream (`TestTimeStreamAdapter`), exports, errors and resume (spec §5, §6, §8).
 
 Everything runs on a tiny random base (d 16, 2 layers) trained for a handful of steps, so the
 tests check plumbing and invariants, not accuracy (that is `tools/stream_adapter_bench.py`).
@@ -32,7 +32,12 @@ from adaptlab.strategies.icl_families import (
     state_hash,
     zero_shot_outputs,
 )
-from adaptlab.strategies.stream_adapter import SegmentReset, StreamAdapter, load_adapter
+from adaptlab.strategies.stream_adapter import (
+    SegmentReset,
+    StreamAdapter,
+    TestTimeStreamAdapter,
+    load_adapter,
+)
 from adaptlab.streams.icl import ContextStream, FamilyVocab
 from tests.helpers import Crash
 
@@ -249,11 +254,11 @@ def context_stream(**kw):
     return ContextStream(**{**args, **kw}).build()
 
 
-def stream_learner(base_path, adapter_path, **kw) -> StreamAdapter:
+def stream_learner(base_path, adapter_path, **kw) -> TestTimeStreamAdapter:
     st = context_stream()
-    return StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
-                         input_shape=st.input_shape, n_classes=st.n_classes,
-                         batch_size=st.batch_size, log_norms_every=0, **kw)
+    return TestTimeStreamAdapter(base=base_path, adapter=adapter_path,
+                                 input_shape=st.input_shape, n_classes=st.n_classes,
+                                 batch_size=st.batch_size, log_norms_every=0, **kw)
 
 
 def test_context_stream_layout():
@@ -296,7 +301,7 @@ def test_detector_resets_on_a_loss_jump(base_path, adapter_path):
 def run_stream(base_path, adapter_path, log_dir, crash_at=None, ckpt_path=None,
                reset_on="detected", batch_size=4):
     st = context_stream(batch_size=batch_size)
-    sa = StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
+    sa = TestTimeStreamAdapter(base=base_path, adapter=adapter_path,
                        input_shape=st.input_shape, n_classes=st.n_classes,
                        batch_size=st.batch_size, log_norms_every=0, reset_on=reset_on,
                        detector={"window": 4, "grace": 2, "sigma_floor": 0.01, "n_sigma": 1.0})
@@ -367,11 +372,12 @@ def test_segment_reset_needs_its_callback(base_path, adapter_path, tmp_path):
 def test_stream_of_another_size_is_refused(base_path, adapter_path, tmp_path):
     with pytest.raises(ValueError, match="packed examples of the base's size"):
         st = context_stream(size="small")
-        StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
-                      input_shape=st.input_shape, n_classes=st.n_classes)
+        TestTimeStreamAdapter(base=base_path, adapter=adapter_path,
+                              input_shape=st.input_shape, n_classes=st.n_classes)
     st = context_stream(n_items=60, n_labels=20)  # same vocabulary size, other layout
-    sa = StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
-                       input_shape=st.input_shape, n_classes=st.n_classes, reset_on="none")
+    sa = TestTimeStreamAdapter(base=base_path, adapter=adapter_path,
+                               input_shape=st.input_shape, n_classes=st.n_classes,
+                               reset_on="none")
     with pytest.raises(ValueError, match="data.stream.n_items: 60"):
         trainer(tmp_path, "s", 3).fit(sa, datamodule=StreamDataModule(st))
 
@@ -409,11 +415,24 @@ def test_stage_b_refuses_unseen_families(base_path, tmp_path):
 def test_stream_mode_needs_an_adapter_export(base_path):
     st = context_stream()
     with pytest.raises(ValueError, match="needs a Stage B export"):
-        StreamAdapter(base=base_path, mode="stream", input_shape=st.input_shape,
-                      n_classes=st.n_classes)
+        TestTimeStreamAdapter(base=base_path, input_shape=st.input_shape,
+                              n_classes=st.n_classes)
     with pytest.raises(FileNotFoundError, match="no Stage B export"):
-        StreamAdapter(base=base_path, mode="stream", adapter="/nonexistent.pt",
+        TestTimeStreamAdapter(base=base_path, adapter="/nonexistent.pt",
+                              input_shape=st.input_shape, n_classes=st.n_classes)
+
+
+def test_deprecated_mode_is_refused_or_warned(base_path, adapter_path):
+    """`mode`, from the old one-class API: `stream` points to the new class, `meta_train`
+    still trains (with a warning)."""
+    st = context_stream()
+    with pytest.raises(ValueError, match="TestTimeStreamAdapter"):
+        StreamAdapter(base=base_path, adapter=adapter_path, mode="stream",
                       input_shape=st.input_shape, n_classes=st.n_classes)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        sa = StreamAdapter(base=base_path, mode="meta_train", allow_weak_base=True,
+                           input_shape=st.input_shape, n_classes=st.n_classes)
+    assert isinstance(sa, StreamAdapter)
 
 
 def test_cli_weak_base_is_one_line(base_path, tmp_path):
