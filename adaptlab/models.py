@@ -1,4 +1,5 @@
-"""Backbones selectable by name from configs: `mlp`, `conv1d`, `lenet`, `resnet18`.
+"""Backbones selectable by name from configs: `mlp`, `conv1d`, `lenet`, `lenet_bn`, `resnet18`,
+`wideresnet`.
 
 Every factory takes the stream's `input_shape` and `n_classes`: `mlp` takes any shape (it
 flattens), `conv1d` sequences (C, L) or flat features (L,), `lenet` and `resnet18` images
@@ -118,6 +119,102 @@ def resnet18(input_shape: Sequence[int], n_classes: int, width: int = 64) -> nn.
     net.conv1 = nn.Conv2d(c, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
+
+
+@register("lenet_bn")
+def lenet_bn(
+    input_shape: Sequence[int], n_classes: int, channels: Sequence[int] = (16, 32),
+    hidden: int = 128,
+) -> nn.Module:
+    """LeNet with BatchNorm after each conv (conv5x5-BN-ReLU-pool twice, then dense): the
+    smallest backbone whose normalisation statistics test-time adaptation can re-estimate."""
+    c, h, w = _image_shape("lenet_bn", input_shape)
+    c1, c2 = (int(k) for k in channels)
+    flat = c2 * (h // 4) * (w // 4)
+    if flat == 0:
+        raise ValueError(
+            f"input shape {tuple(input_shape)} is too small for lenet_bn (needs >= 4x4)")
+    return nn.Sequential(
+        nn.Conv2d(c, c1, 5, padding=2, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5, padding=2, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, n_classes),
+    )
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation wide basic block, named as RobustBench's WideResNet so its state dicts
+    (e.g. CIFAR-10 `Standard.pt`) load unchanged."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.equalInOut = c_in == c_out
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(
+            c_in, c_out, 1, stride=stride, padding=0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.relu1(self.bn1(x))
+        y = self.conv2(self.relu2(self.bn2(self.conv1(o))))
+        return y + (x if self.equalInOut else self.convShortcut(o))
+
+
+class _WideGroup(nn.Module):
+    def __init__(self, n: int, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(*(
+            _WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+            for i in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-widen (Zagoruyko & Komodakis 2016), RobustBench's layout and parameter names:
+    the CIFAR-10-C benchmarks' source model (WRN-28-10, `Standard.pt`)."""
+
+    def __init__(self, in_channels: int, n_classes: int, depth: int = 28, widen: int = 10):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"wideresnet: depth must be 6n + 4 (10, 16, 28, …), got {depth}")
+        n = (depth - 4) // 6
+        ch = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(in_channels, ch[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = _WideGroup(n, ch[0], ch[1], 1)
+        self.block2 = _WideGroup(n, ch[1], ch[2], 2)
+        self.block3 = _WideGroup(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(ch[3], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register("wideresnet")
+def wideresnet(
+    input_shape: Sequence[int], n_classes: int, depth: int = 28, widen: int = 10
+) -> nn.Module:
+    """WRN-28-10 by default (`depth`, `widen` for smaller ones, e.g. WRN-10-1 in tests)."""
+    c, _, _ = _image_shape("wideresnet", input_shape)
+    return WideResNet(c, n_classes, depth=depth, widen=widen)
+
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_layers(model: nn.Module, kinds: tuple[type, ...] = NORM_LAYERS) -> list[nn.Module]:
+    """The normalisation layers of `model` (what test-time adaptation re-estimates or tunes)."""
+    return [m for m in model.modules() if isinstance(m, kinds)]
 
 
 def build_model(name: str, input_shape: Sequence[int], n_classes: int, **kwargs) -> nn.Module:
