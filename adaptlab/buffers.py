@@ -15,6 +15,8 @@ from torch import nn
 
 from .streams.core import require_positive
 
+INF = float("inf")
+
 
 class ReservoirBuffer(nn.Module):
     """Fixed-capacity uniform memory of `(x, y)` pairs; state lives in the module state_dict."""
@@ -81,6 +83,12 @@ class BottomKBuffer(nn.Module):
     first label is kept) and a `group` (the label unless given). `balance="group"` gives each
     of the G groups seen so far a quota of floor(capacity / G), trimmed by key when G grows;
     `"none"` keeps one global bottom-k.
+
+    The decisions run on a host copy of the keys and groups (Python floats and ints, rebuilt
+    from the tensors after a load): an offer that changes nothing, the common case once a
+    group is full, costs a few set look-ups and no device work; one that stores items writes
+    the tensors with one indexed copy each. `offer` takes keys already on the host, so a
+    caller can bring a whole chunk's keys over in one transfer (TAME does).
     """
 
     P = 2**31 - 1  # Mersenne prime of the content hash
@@ -105,7 +113,7 @@ class BottomKBuffer(nn.Module):
         self.register_buffer("y", torch.zeros(capacity, dtype=torch.int64))
         self.register_buffer("label", torch.zeros(capacity, dtype=torch.int64))
         self.register_buffer("group", torch.zeros(capacity, dtype=torch.int64))
-        self.register_buffer("key", torch.full((capacity,), float("inf"), dtype=torch.float64))
+        self.register_buffer("key", torch.full((capacity,), INF, dtype=torch.float64))
         gen = torch.Generator().manual_seed(seed)
         n_in = 1
         for s in input_shape:
@@ -116,10 +124,10 @@ class BottomKBuffer(nn.Module):
         )
         self.gen = gen  # draws `random` keys; checkpointed
         self.n_groups = 1
-        self._bar: float | None = None  # when full: no key >= this can enter (a cache)
+        self._host: _HostIndex | None = None  # the host copy; None: rebuild from the tensors
 
     def __len__(self) -> int:
-        return int(torch.isfinite(self.key).sum())
+        return len(self._index().stored)
 
     def quota(self) -> int:
         return self.capacity // self.n_groups if self.balance == "group" else self.capacity
@@ -133,19 +141,51 @@ class BottomKBuffer(nn.Module):
         h = (q * self.coef.to(q.device)).remainder(self.P).sum(1).remainder(self.P)
         return h.to(self.key.device).double() / self.P
 
+    # -- the host copy ------------------------------------------------------------------------
+    def _index(self) -> _HostIndex:
+        if self._host is None:
+            self._host = _HostIndex(self.key.tolist(), self.group.tolist(),
+                                    self.balance == "group")
+        return self._host
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._host = None
+
+    def _write(self, slots: list[int], x: torch.Tensor | None = None,
+               y: torch.Tensor | None = None, rows: list[int] | None = None,
+               labels: list[int] | None = None, group: list[int] | None = None) -> None:
+        """Copy the host keys of `slots` (and, for filled slots, the items) to the tensors."""
+        h = self._index()
+        dev = self.key.device
+        idx = torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True)
+        self.key[idx] = torch.tensor([h.keys[s] for s in slots],
+                                     dtype=torch.float64).to(dev, non_blocking=True)
+        if rows:
+            src = torch.tensor(rows, dtype=torch.long)
+            self.x[idx] = x[src.to(x.device)].to(self.x.device, self.x.dtype)
+            self.y[idx] = y[src.to(y.device)].to(self.y.device)
+            self.label[idx] = torch.tensor(labels, dtype=torch.int64).to(dev)
+            self.group[idx] = torch.tensor(group, dtype=torch.int64).to(dev)
+
     def set_groups(self, n_groups: int) -> None:
         """`balance="group"`: G groups now share the capacity; drop each group's largest
-        keys beyond its new quota."""
+        keys beyond its new quota (ties: the later slot goes)."""
         self.n_groups = max(self.n_groups, int(n_groups))
-        self._bar = None
         if self.balance != "group":
             return
-        q = self.quota()
-        for g in torch.unique(self.group[torch.isfinite(self.key)]).tolist():
-            slots = torch.nonzero((self.group == g) & torch.isfinite(self.key)).flatten()
+        h, q = self._index(), self.quota()
+        evicted = []
+        for g in sorted(h.count):
+            slots = h.slots(g)
             if len(slots) > q:
-                order = torch.argsort(self.key[slots], stable=True)
-                self.key[slots[order[q:]]] = float("inf")
+                for s in sorted(slots, key=h.keys.__getitem__)[q:]:
+                    h.evict(s)
+                    evicted.append(s)
+        h.settle()
+        if evicted:
+            self._write(sorted(evicted))
 
     def add(
         self, x: torch.Tensor, y: torch.Tensor, label: int | torch.Tensor = 0,
@@ -154,52 +194,67 @@ class BottomKBuffer(nn.Module):
         """Offer a batch; items whose key beats their group's current k-th key are stored.
         `keys` may pass precomputed `item_keys(x)` (content keys of buffers with one seed)."""
         keys = self.item_keys(x) if keys is None else keys
-        if self._bar is not None and float(keys.min()) >= self._bar:
-            return  # the common case once full: one host sync, nothing to store
-        labels = torch.as_tensor(label, dtype=torch.int64).expand(len(x)).cpu()
-        groups = labels if group is None else (
-            torch.as_tensor(group, dtype=torch.int64).expand(len(x)).cpu())
-        if self.balance == "group":
-            new = int(groups.max()) + 1
-            if new > self.n_groups:
-                self.set_groups(new)
-        # Repeats (within the batch, or of a stored item) are stored once: first label kept.
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        first = torch.full_like(uniq, len(keys), dtype=torch.long).scatter_reduce(
-            0, inverse, torch.arange(len(keys), device=keys.device), "amin")
-        first = first[~torch.isin(uniq, self.key)].cpu()
-        groups = groups[first] if self.balance == "group" else torch.zeros_like(first)
+        self.offer(x, y, keys.tolist(), label, group)
+
+    def offer(
+        self, x: torch.Tensor, y: torch.Tensor, keys: list[float],
+        label: int | torch.Tensor | list[int] = 0,
+        group: int | torch.Tensor | list[int] | None = None,
+    ) -> None:
+        """`add` with the batch's keys already on the host (Python floats). Repeats (within
+        the batch, or of a stored item) are stored once, with the first label."""
+        b, h = len(keys), self._index()
+        labels = _ints(label, b)
+        groups = labels if group is None else _ints(group, b)
+        grouped = self.balance == "group"
+        if grouped and max(groups) + 1 > self.n_groups:
+            self.set_groups(max(groups) + 1)
         q = self.quota()
-        for g in torch.unique(groups).tolist():
-            new = first[groups == g].to(keys.device)  # batch rows, in key order
-            held = torch.nonzero(torch.isfinite(self.key) & (
-                (self.group == g) if self.balance == "group" else True)).flatten()
-            merged = torch.cat([self.key[held], keys[new]])
-            if len(held) == q and keys[new].min() >= merged[
-                    : len(held)].max():
+        stored, count, top = h.stored, h.count, h.top
+        # The common case: every key is stored already or cannot beat its group's k-th key.
+        if all(k in stored or (count.get(g if grouped else 0, 0) == q
+                               and k >= top.get(g if grouped else 0, -INF))
+               for k, g in zip(keys, groups, strict=True)):
+            return
+        first: dict[float, int] = {}
+        for i, k in enumerate(keys):
+            if k not in first and k not in stored:
+                first[k] = i
+        order = sorted(first)  # new distinct keys, ascending
+        fills: dict[int, int] = {}  # slot -> batch row
+        evicted: list[int] = []
+        for g in sorted({groups[first[k]] if grouped else 0 for k in order}):
+            new = [first[k] for k in order if (groups[first[k]] if grouped else 0) == g]
+            held = h.slots(g)
+            merged = [h.keys[s] for s in held] + [keys[r] for r in new]
+            if len(held) == q and keys[new[0]] >= max(merged[: len(held)]):
                 continue  # nothing beats the group's current k-th key
-            keep = torch.sort(merged, stable=True).indices[:q]
-            evict = torch.ones(len(held), dtype=torch.bool, device=keys.device)
-            evict[keep[keep < len(held)]] = False
-            self.key[held[evict]] = float("inf")
-            rows = new[keep[keep >= len(held)] - len(held)]
-            if not len(rows):
-                continue
-            slots = torch.nonzero(~torch.isfinite(self.key)).flatten()[: len(rows)]
-            dev = self.x.device
-            self.key[slots] = keys[rows]
-            self.x[slots.to(dev)] = x[rows.to(x.device)].to(dev, self.x.dtype)
-            self.y[slots.to(self.y.device)] = y[rows.to(y.device)].to(self.y.device)
-            self.label[slots] = labels[rows.cpu()].to(self.label.device)
-            self.group[slots] = g
-        # Full means every group is at its quota, so nothing at or above the max key enters.
-        full = bool(torch.isfinite(self.key).all())
-        self._bar = float(self.key.max()) if full else None
+            keep = sorted(range(len(merged)), key=merged.__getitem__)[:q]  # stable
+            kept = set(keep)
+            for j, s in enumerate(held):
+                if j not in kept:
+                    h.evict(s)
+                    evicted.append(s)
+            rows = [new[j - len(held)] for j in keep if j >= len(held)]
+            for s, r in zip(h.free(len(rows)), rows, strict=True):
+                h.store(s, keys[r], g)
+                fills[s] = r
+        h.settle()
+        if not fills and not evicted:
+            return
+        slots = sorted(set(evicted) | set(fills))
+        filled = [s for s in slots if s in fills]
+        self._write([s for s in slots if s not in fills])
+        if filled:
+            rows = [fills[s] for s in filled]
+            self._write(filled, x, y, rows, [labels[r] for r in rows],
+                        [h.groups[s] for s in filled])
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stored (x, y, label), in key order (deterministic)."""
-        idx = torch.nonzero(torch.isfinite(self.key)).flatten()
-        idx = idx[torch.argsort(self.key[idx], stable=True)]
+        h = self._index()
+        slots = sorted((s for s, k in enumerate(h.keys) if k != INF), key=h.keys.__getitem__)
+        idx = torch.tensor(slots, dtype=torch.long).to(self.x.device)
         return self.x[idx], self.y[idx], self.label[idx]
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -208,4 +263,57 @@ class BottomKBuffer(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.n_groups = int(state["n_groups"])
         self.gen.set_state(state["gen"])
-        self._bar = None
+        self._host = None
+
+
+def _ints(v: int | torch.Tensor | list[int], n: int) -> list[int]:
+    """`v` as n Python ints (a scalar repeated)."""
+    if isinstance(v, list):
+        return v
+    if isinstance(v, torch.Tensor):
+        return v.expand(n).tolist() if v.dim() == 0 else v.tolist()
+    return [int(v)] * n
+
+
+class _HostIndex:
+    """`BottomKBuffer`'s keys and groups per slot as Python values, with what an offer needs:
+    the set of stored keys and, per group, its item count and largest key (`balance="none"`:
+    one group, 0)."""
+
+    def __init__(self, keys: list[float], groups: list[int], grouped: bool) -> None:
+        self.keys, self.groups, self.grouped = keys, groups, grouped
+        self.stored = {k for k in keys if k != INF}
+        self.count: dict[int, int] = {}
+        self.top: dict[int, float] = {}
+        self.dirty = {self._g(s) for s, k in enumerate(keys) if k != INF}
+        self.settle()
+
+    def _g(self, s: int) -> int:
+        return self.groups[s] if self.grouped else 0
+
+    def settle(self) -> None:
+        """Recount the groups that `evict` / `store` touched."""
+        for g in self.dirty:
+            mine = [self.keys[s] for s in self.slots(g)]
+            self.count[g] = len(mine)
+            self.top[g] = max(mine, default=-INF)
+        self.dirty = set()
+
+    def slots(self, g: int) -> list[int]:
+        """Group g's occupied slots, ascending."""
+        return [s for s, k in enumerate(self.keys) if k != INF and self._g(s) == g]
+
+    def free(self, n: int) -> list[int]:
+        """The first n empty slots, ascending."""
+        return [s for s, k in enumerate(self.keys) if k == INF][:n]
+
+    def evict(self, s: int) -> None:
+        g = self._g(s)
+        self.stored.discard(self.keys[s])
+        self.keys[s] = INF
+        self.dirty.add(g)
+
+    def store(self, s: int, key: float, g: int) -> None:
+        self.keys[s], self.groups[s] = key, g
+        self.stored.add(key)
+        self.dirty.add(self._g(s))

@@ -26,7 +26,9 @@ Other rules (`test`), for losses too noisy for mu + 3 sigma of the raw loss (spe
 The two-sample tests fire when p < `p_value`; "recent" is the last `recent` losses (the new
 one included), the reference the rest of the window. Their `tau` is the one-batch bound
 mu + n_sigma * sigma, used to recognise an old expert from a single batch (`recognises`).
-All state is in tensors, so a checkpoint restores it exactly.
+Losses, EWMAs and thresholds are float32 tensors on the learner's device; the per-channel
+counters (`count`, `head`, `steps`) are Python lists, saved in the state_dict as tensors, so
+a checkpoint restores everything exactly and reading a counter never waits for the device.
 """
 
 from __future__ import annotations
@@ -102,8 +104,13 @@ class ShiftDetector(nn.Module):
         self._spread = math.sqrt(alpha / (2 - alpha)) if test == "chart" else 1.0
         f32 = torch.float32
         self.register_buffer("window", torch.zeros(0, window, dtype=f32))
-        self.register_buffer("count", torch.zeros(0, dtype=torch.long))  # valid entries <= W
-        self.register_buffer("head", torch.zeros(0, dtype=torch.long))  # next slot to write
+        # Python counters (a device read per batch would be a host sync): valid entries <= W,
+        # next slot to write, committed losses. `_save_to_state_dict` stores them as tensors.
+        self.count: list[int] = []
+        self.head: list[int] = []
+        self.steps: list[int] = []
+        # ring[s : s + n] = (s + arange(n)) % W: a channel's slots without building them
+        self.register_buffer("ring", torch.arange(2 * window) % window, persistent=False)
         self.register_buffer("sbar", torch.zeros(0, dtype=f32))  # NaN = no EWMA yet
         self.register_buffer("s_all", torch.zeros(0, dtype=f32))
         # every channel's loss on the last `recent // 2` batches (NaN: not evaluated), for
@@ -111,7 +118,6 @@ class ShiftDetector(nn.Module):
         self.register_buffer("last", torch.zeros(0, max(recent // 2, 1), dtype=f32))
         self.register_buffer("mu", torch.zeros(0, dtype=f32))
         self.register_buffer("tau", torch.zeros(0, dtype=f32))
-        self.register_buffer("steps", torch.zeros(0, dtype=torch.long))
         self.register_buffer("seed_value", torch.zeros(0, dtype=f32))
 
     @property
@@ -124,18 +130,17 @@ class ShiftDetector(nn.Module):
         dev = self.window.device
         row = torch.zeros(1, self.W, device=dev)
         row[0, 0] = seed
-        one = torch.ones(1, dtype=torch.long, device=dev)
         nan = torch.full((1,), math.nan, device=dev)
         self.window = torch.cat([self.window, row])
-        self.count = torch.cat([self.count, one])
-        self.head = torch.cat([self.head, one])
+        self.count.append(1)
+        self.head.append(1)
         self.sbar = torch.cat([self.sbar, nan])
         self.s_all = torch.cat([self.s_all, nan])
         self.last = torch.cat([self.last, torch.full((1, self.last.shape[1]), math.nan,
                                                      device=dev)])
         self.mu = torch.cat([self.mu, torch.zeros(1, device=dev)])
         self.tau = torch.cat([self.tau, torch.zeros(1, device=dev)])
-        self.steps = torch.cat([self.steps, torch.zeros_like(one)])
+        self.steps.append(0)
         self.seed_value = torch.cat([self.seed_value, torch.full((1,), float(seed), device=dev)])
         k = self.n_channels - 1
         self.refresh_threshold(k)
@@ -154,9 +159,11 @@ class ShiftDetector(nn.Module):
 
     # -- the rule -----------------------------------------------------------------------------
     def _slots(self, k: int) -> torch.Tensor:
-        """Indices of channel k's entries in its circular window, oldest first."""
-        n, h = self.count[k], self.head[k]
-        return (h - n + torch.arange(int(n), device=self.window.device)) % self.W
+        """Indices of channel k's entries in its circular window, oldest first (a view of
+        `ring`: no allocation, no host sync)."""
+        n = self.count[k]
+        start = (self.head[k] - n) % self.W
+        return self.ring[start : start + n]
 
     def _entries(self, k: int) -> torch.Tensor:
         """Channel k's window in arrival order (oldest first)."""
@@ -181,16 +188,20 @@ class ShiftDetector(nn.Module):
     def trigger_value(self, k: int, loss: torch.Tensor) -> torch.Tensor:
         """What channel k's trigger compares with tau: the candidate on its `own` chain, or on
         the `all` chain (advanced on every batch)."""
-        own = self.candidate(loss)[k]
+        lk = loss[k].to(self.sbar.dtype)
+        # the candidate of channel k alone (NaN EWMA exactly when nothing was committed yet)
+        own = lk if self.steps[k] == 0 else self.alpha * lk + (1 - self.alpha) * self.sbar[k]
         if self.chain == "own":
             return own
         s = self.s_all[k]
         return torch.where(torch.isnan(s), own, self.alpha * loss[k].float() + (1 - self.alpha) * s)
 
-    def exceeds(self, k: int, c: float, loss: float | None = None) -> bool:
-        """The test itself, without grace: does candidate `c` (raw `loss`) reject channel k?"""
+    def exceeds(self, k: int, c: float, loss: float | None = None,
+                tau: float | None = None) -> bool:
+        """The test itself, without grace: does candidate `c` (raw `loss`) reject channel k?
+        `tau` may pass tau_k already read to the host (saves a device read)."""
         if self.test not in TWO_SAMPLE:
-            return c > float(self.tau[k])
+            return c > (float(self.tau[k]) if tau is None else tau)
         if loss is None:
             raise ValueError(f"ShiftDetector(test={self.test!r}) needs the raw loss: "
                              "fired(k, c, loss)")
@@ -229,28 +240,30 @@ class ShiftDetector(nn.Module):
         """Channel k's loss has stopped falling: its window is full and the newer half is not
         lower than the older half (one-sided Mann-Whitney, p >= `p`). Used to hold pruning
         until an expert has converged."""
-        if int(self.count[k]) < self.W:
+        if self.count[k] < self.W:
             return False
         hist = self._entries(k).double().cpu().numpy()
         half = self.W // 2
         res = stats.mannwhitneyu(hist[:half], hist[half:], alternative="greater")
         return bool(not res.pvalue < p)
 
-    def fired(self, k: int, c: float | torch.Tensor, loss: float | None = None) -> bool:
+    def fired(self, k: int, c: float | torch.Tensor, loss: float | None = None,
+              tau: float | None = None) -> bool:
         """Shift on channel k: the test rejects and k is past its grace period."""
-        if int(self.steps[k]) < self.grace:
+        if self.steps[k] < self.grace:
             return False
-        return self.exceeds(k, float(c), loss)
+        return self.exceeds(k, float(c), loss, tau)
 
     def commit(self, k: int, loss: float | torch.Tensor) -> None:
         """Channel k trained on a batch with pre-update `loss`: EWMA, window, step count."""
         loss = torch.as_tensor(loss, dtype=self.sbar.dtype, device=self.sbar.device)
-        s = self.sbar[k]
-        self.sbar[k] = torch.where(torch.isnan(s), loss, self.alpha * loss + (1 - self.alpha) * s)
-        h = int(self.head[k])
+        # sbar[k] is NaN exactly while steps[k] == 0: the first EWMA is the loss itself
+        self.sbar[k] = loss if self.steps[k] == 0 else \
+            self.alpha * loss + (1 - self.alpha) * self.sbar[k]
+        h = self.head[k]
         self.window[k, h] = loss
         self.head[k] = (h + 1) % self.W
-        self.count[k] = torch.clamp(self.count[k] + 1, max=self.W)
+        self.count[k] = min(self.count[k] + 1, self.W)
         self.steps[k] += 1
 
     def retract(self, k: int) -> None:
@@ -260,13 +273,15 @@ class ShiftDetector(nn.Module):
         them (the paper's EWMA and window also carry them)."""
         if self.test not in TWO_SAMPLE:
             return
-        drop = min(self.recent - 1, int(self.count[k]) - 1)
+        drop = min(self.recent - 1, self.count[k] - 1)
         self.count[k] -= drop
         self.head[k] = (self.head[k] - drop) % self.W
 
     def advance_all(self, loss: torch.Tensor) -> None:
         """Every batch, every channel's loss on it (NaN where not evaluated): `chain="all"`
         advances `s_all`; the two-sample tests keep the last few for recognition."""
+        if self.test not in TWO_SAMPLE and self.chain != "all":
+            return  # nothing to keep: no device work
         loss = loss.to(self.s_all.dtype)
         if self.test in TWO_SAMPLE:
             self.last = torch.cat([self.last[:, 1:], loss.unsqueeze(1)], 1)
@@ -298,10 +313,33 @@ class ShiftDetector(nn.Module):
         return False
 
     # -- checkpoint ---------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Resize every buffer to the saved number of channels before loading."""
+    COUNTERS = ("count", "head", "steps")
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        """The Python counters go into the state_dict as long tensors (as before they were
+        Python, so old checkpoints load too)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.COUNTERS:
+            destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.long,
+                                                      device=self.window.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              local_metadata: Any, strict: bool, missing: list[str],
+                              unexpected: list[str], errors: list[str]) -> None:
+        """Resize every buffer to the saved number of channels before loading; the counters
+        come back as Python lists."""
         for name, buf in list(self._buffers.items()):
             saved = state_dict.get(prefix + name)
             if saved is not None and buf is not None and saved.shape != buf.shape:
                 self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
+                                      unexpected, errors)
+        for name in self.COUNTERS:
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, [int(v) for v in state_dict[key].tolist()])
+                if key in unexpected:
+                    unexpected.remove(key)
+            elif strict:
+                missing.append(key)

@@ -171,6 +171,7 @@ class ExpertPool(nn.Module):
         self.experts = nn.ModuleList()
         self.masks = nn.ModuleList()  # per expert: a module whose buffers are the masks
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
+        self._pruned: list[bool] = []  # `pruned` on the host: read after every step
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self._base: nn.Module | None = None
         self._mode_sensitive = False
@@ -187,9 +188,27 @@ class ExpertPool(nn.Module):
         self.masks.append(holder)
         self.pruned = torch.cat([self.pruned, torch.zeros(1, dtype=torch.bool,
                                                           device=self.pruned.device)])
+        self._pruned.append(False)
         self._mode_sensitive = any(isinstance(m, MODE_SENSITIVE) for m in expert.modules())
         self.invalidate()
         return len(self.experts) - 1
+
+    def set_pruned(self, k: int, value: bool) -> None:
+        """Mark expert k pruned or dense (the buffer and its host copy)."""
+        self.pruned[k] = value
+        self._pruned[k] = value
+
+    def is_pruned(self, k: int) -> bool:
+        return self._pruned[k]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._pruned = [bool(v) for v in self.pruned.tolist()]
+
+    def mode_sensitive(self) -> bool:
+        """Whether eval-mode and train-mode forwards differ (BatchNorm, Dropout)."""
+        return self._mode_sensitive
 
     def masked_params(self, k: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
         weights = dict(prunable_weights(self.experts[k]))
@@ -266,7 +285,7 @@ class ExpertPool(nn.Module):
         new = global_l1_masks([p for p, _ in pairs], amount)
         for (_, m), keep in zip(pairs, new, strict=True):
             m.copy_(keep.view_as(m))
-        self.pruned[k] = True
+        self.set_pruned(k, True)
         self.apply_masks(k, optimizer)
         self.sync_cache(k)
 
@@ -278,14 +297,14 @@ class ExpertPool(nn.Module):
         for (p, m), keep in zip(pairs, new, strict=True):
             m.copy_(keep.view_as(m))
             p.mul_(m)
-        self.pruned[k] = True
+        self.set_pruned(k, True)
         self.invalidate()
 
     @torch.no_grad()
     def apply_masks(self, k: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Re-zero expert k's pruned weights (and their momentum) after a step: the same
         result as masking the gradients, whichever backward path produced them."""
-        if not bool(self.pruned[k]):
+        if not self._pruned[k]:  # a host list: no device read per step
             return
         for p, m in self.masked_params(k):
             p.mul_(m)
@@ -561,7 +580,7 @@ class DecisionCore:
         # The one host sync per batch: the decision needs these three numbers.
         s_a, tau_a, loss_a = torch.stack([det.trigger_value(a, L), det.tau[a], L[a]]).tolist()
         kind, new = "stay", a
-        if det.fired(a, s_a, loss_a):
+        if det.fired(a, s_a, loss_a, tau=tau_a):
             det.retract(a)
             if not every:
                 L = pool.losses(None)
@@ -591,15 +610,24 @@ class DecisionCore:
 
 
 class _Batch:
-    """`LossPool` over TAME's experts for one batch; keeps the [K, B, C] logits."""
+    """`LossPool` over TAME's experts for one batch; keeps the [K, B, C] logits, and the
+    active expert's logits with their graph (`grad`) when its evaluation forward can double
+    as its training forward (no BatchNorm or Dropout: eval and train mode agree)."""
 
-    def __init__(self, learner: TAME, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.learner, self.x, self.y = learner, x, y
+    def __init__(self, learner: TAME, x: torch.Tensor, y: torch.Tensor, active: int) -> None:
+        self.learner, self.x, self.y, self.active = learner, x, y, active
         self.logits = torch.empty(0)
+        self.grad: torch.Tensor | None = None
 
     def losses(self, only: int | None) -> torch.Tensor:
-        self.logits = self.learner._logits(self.x, only)
-        return self.learner._losses(self.logits, self.y)
+        ln, a = self.learner, self.active
+        self.logits, self.grad = ln._logits(self.x, only, a)
+        if only is None or ln.n_experts == 1:
+            return ln._losses(self.logits, self.y)
+        # only the active expert: its loss alone, NaN for the others (not evaluated)
+        out = torch.full((ln.n_experts,), math.nan, device=self.logits.device)
+        out[a] = ln._losses(self.logits[a : a + 1], self.y)[0]
+        return out
 
     def spawn(self) -> torch.Tensor:
         k = self.learner._spawn()
@@ -812,6 +840,8 @@ class TAME(StreamLearner):
         self.events: list[dict[str, int | str]] = []
         self.active_history: list[int] = []
         self.history: dict[str, list[float]] = {"loss": [], "ewma": [], "tau": []}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # memory offers
+        self._deferring = False
         self._spawn()
         self.core.add_expert()
 
@@ -819,6 +849,7 @@ class TAME(StreamLearner):
     def _spawn(self) -> int:
         """A fresh expert from default init seeded by (seed, index), its optimizer, LR schedule
         and retraining buffer (its detector channel comes from `DecisionCore.add_expert`)."""
+        self._flush_memory()  # earlier offers meet the quotas they were made under
         k = len(self.pool)
         expert = self.build_backbone(k).to(self.device)
         self.pool.add(expert)
@@ -864,38 +895,59 @@ class TAME(StreamLearner):
         """Losses of the experts, the shift decision (`DecisionCore.step`), one SGD step of the
         chosen expert, buffers. Returns that expert's pre-update logits and loss."""
         pos = self.batch_position
-        batch = _Batch(self, x, y)
+        batch = _Batch(self, x, y, self.active)
         d = self.core.step(self.active, batch)
         if d.kind != "stay":
             self._event(pos, d.kind, self.active, d.active)
         if d.kind == "spawn" and self.prune_when == "on_spawn":
             self._prune_and_retrain(self.active)
-        self._train_step(d.active, x, y)
+        # staying: the evaluation forward (with its graph) is the training forward
+        self._train_step(d.active, x, y, batch.grad if d.kind == "stay" else None)
         self._remember(*self.gather_batch(x, y), d.active)  # identical memories on all ranks
         self.active = d.active
         self._record(d)
         return batch.logits[d.active].detach(), d.losses[d.active].detach()
 
-    def _logits(self, x: torch.Tensor, only: int | None) -> torch.Tensor:
-        """[K, B, C] pre-update logits; with `only`, the other rows are NaN."""
-        if only is None:
-            return self.pool.logits_all(x)
-        a = only
-        one = self.pool.logits_one(a, x)
+    def _logits(self, x: torch.Tensor, only: int | None, active: int | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[K, B, C] pre-update logits (with `only`, the other rows are NaN), and the
+        `active` expert's logits with their graph when they can serve its training step (the
+        looped forward of an expert without mode-sensitive layers: the same numbers as its
+        eval-mode forward) or None."""
+        pool = self.pool
+        reuse = active is not None and not pool.mode_sensitive() and (
+            only is not None or not pool.batched or len(pool) == 1)
+        if not reuse:
+            if only is None:
+                return pool.logits_all(x), None
+            one = pool.logits_one(only, x)
+        else:
+            with torch.enable_grad():
+                grad = pool.experts[active](x)
+            one = grad.detach()
+            if only is None and len(pool) > 1:
+                with torch.no_grad():
+                    rows = [one if k == active else e(x) for k, e in enumerate(pool.experts)]
+                return torch.stack(rows), grad
+        if len(pool) == 1:
+            return one.unsqueeze(0), grad if reuse else None
         out = torch.full((self.n_experts, *one.shape), math.nan, device=one.device,
                          dtype=one.dtype)
-        out[a] = one
-        return out
+        out[only] = one
+        return out, grad if reuse else None
 
     def _losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # Under DDP every rank decides on the same global-batch losses.
         return self.global_mean(self.pool.losses(logits, y), len(y))
 
-    def _train_step(self, k: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _train_step(self, k: int, x: torch.Tensor, y: torch.Tensor,
+                    logits: torch.Tensor | None = None) -> None:
         """One SGD step of expert k only (through `StreamLearner.update`, so update hooks and
-        Lightning's backward run as for any learner); pruned weights stay zero."""
+        Lightning's backward run as for any learner); pruned weights stay zero. `logits`:
+        expert k's forward on x with its graph, if already computed."""
         opt = self.optimizers_[k]
-        loss = classification_loss(self.pool.experts[k](x), y, self.expert_output)
+        out = self.pool.experts[k](x) if logits is None else logits
+        loss = classification_loss(out, y, self.expert_output)
         self.update(opt, loss, n=len(x))
         self.expert_steps[k] += 1
         if self.prune_when == "gradual":
@@ -928,23 +980,62 @@ class TAME(StreamLearner):
         return 0 if start < 0 else self.expert_steps[k] - start
 
     def _remember(self, x: torch.Tensor, y: torch.Tensor, k: int) -> None:
-        """S gets the batch labelled by expert k (first label kept); R_k gets (x, y). Content
-        keys are computed once; R_k ranks by 1 - key, so it keeps the items S ranks last and
+        """Offer the batch to the memories (`_flush_memory`); inside a training step the
+        offers wait for the step's end and go in one batch, in order, so the result is the
+        same as offering each batch at once."""
+        self._pending.append((x, y, k))
+        if not self._deferring:
+            self._flush_memory()
+
+    def _flush_memory(self) -> None:
+        """The pending offers, in order: S gets each batch labelled by its expert k (first
+        label kept), R_k gets (x, y), and k's moments take x. Content keys are computed once
+        for all pending batches and read to the host in one transfer (one host sync per
+        chunk, none per batch); R_k ranks by 1 - key, so it keeps the items S ranks last and
         the two hold different samples (with the same keys R_k nested inside S's share of k
         or vice versa: memory counted twice, stored once)."""
-        group = y if self.selector_balance == "label" else k
-        keys = self.selector_buffer.item_keys(x)
-        self.selector_buffer.add(x, y, label=k, group=group, keys=keys)
-        if self.retrain_capacity > 0:  # random keys: R_k draws its own
-            self.retrain_buffers[k].add(x, y,
-                                        keys=1 - keys if self.buffer_keys == "content" else None)
-        if self.stream_moments:
-            self.moments[k].update(x)
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        buf, content = self.selector_buffer, self.buffer_keys == "content"
+        one = len(pending) == 1
+        if content:
+            keys = buf.item_keys(pending[0][0] if one else torch.cat([p[0] for p in pending]))
+            host = keys.tolist()
+        if self.selector_balance == "label":
+            labels = (pending[0][1] if one else torch.cat([p[1] for p in pending])).tolist()
+        start = 0
+        for x, y, k in pending:
+            end = start + len(x)
+            kx = host[start:end] if content else buf.item_keys(x).tolist()  # random: own draws
+            group = labels[start:end] if self.selector_balance == "label" else k
+            buf.offer(x, y, kx, label=k, group=group)
+            if self.retrain_capacity > 0:
+                r = self.retrain_buffers[k]
+                r.offer(x, y, [1 - v for v in kx] if content else r.item_keys(x).tolist())
+            if self.stream_moments:
+                self.moments[k].update(x)
+            start = end
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
+        """`StreamLearner.training_step` with the memory offers batched over the chunk."""
+        self._deferring = True
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self._deferring = False
+            self._flush_memory()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._flush_memory()  # a checkpoint holds every offer made so far
+        return super().state_dict(*args, **kwargs)
 
     def _memory(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stored (x, y, expert id): for the selector (`k` None) S, and for expert k's
         retraining R_k; with `share_memory` both use every stored sample (S and all R_j, R_j's
         labelled j), so the whole memory M serves both purposes instead of each its part."""
+        self._flush_memory()
         every = k is None or self.share_memory
         parts = [self.selector_buffer.items()] if every else []
         if self.retrain_capacity > 0 and (k is not None or self.share_memory):
@@ -995,7 +1086,7 @@ class TAME(StreamLearner):
                     if self.prune_when == "gradual":
                         if self._pruned_steps(k) < self.prune_steps:
                             self._prune_and_retrain(k)
-                    elif not bool(self.pool.pruned[k]):
+                    elif not self.pool.is_pruned(k):
                         self._prune_and_retrain(k)
             self._fit_selector(index, warm=False)
             masks = self.selector.prune(self.prune_selector) if self.prune_when != "off" else []
@@ -1060,7 +1151,7 @@ class TAME(StreamLearner):
         if self.prune_tolerance is not None and not check:
             # too few stored samples to verify the pruned expert: an unverified 98 % cut
             # wrecked experts (Permuted-Digits, memory 500 over 10 experts: 0.47 vs 0.92)
-            self.pool.pruned[k] = False
+            self.pool.set_pruned(k, False)
             return
         fit_x, fit_y = (x[~held], y[~held]) if check else (x, y)
         dense = copy.deepcopy(expert.state_dict())
@@ -1078,7 +1169,7 @@ class TAME(StreamLearner):
                 m.copy_(old)
             amount = max(0.0, 1 - 2 * (1 - amount))
             if amount < 0.5:
-                self.pool.pruned[k] = False
+                self.pool.set_pruned(k, False)
                 break
         self.pool.invalidate()
 
