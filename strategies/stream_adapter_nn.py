@@ -94,6 +94,7 @@ class ContextMapper(nn.Module):
         `k`, `v`: (B, H, c, d_h); `mask` (B, c), True for real positions. Masked keys get −∞;
         a fully padded chunk gets `O = 0` and is marked invalid (no NaN enters the graph).
         """
+        k, v = k.to(self.queries.dtype), v.to(self.queries.dtype)  # a bf16 base's cache
         scores = torch.einsum("hmd,bhcd->bhmc", self.queries, k) / math.sqrt(self.d_head)
         if mask is None:
             valid = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
@@ -207,7 +208,8 @@ class WeightAbsorption(nn.Module):
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self.h is None or self.merged:
             return None
-        side = self.side(inputs[0], self.h)
+        x = inputs[0].to(self.w2.dtype)  # a bf16 base, a float32 adapter
+        side = self.side(x, self.h.to(self.w2.dtype)).to(output.dtype)
         start, stop, _ = self.rows.indices(output.shape[-1])
         return output + nn.functional.pad(side, (start, output.shape[-1] - stop))
 
