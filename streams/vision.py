@@ -18,6 +18,7 @@ import torch
 from .builders import SegmentData, StreamBuilder
 from .core import Purpose, Stream, require_positive, rng
 from .corruptions import CORRUPTIONS, DEFAULT_ORDER, corrupt
+from .datasets import CORRUPTION_NAMES_C, EXTRA_CORRUPTION_NAMES_C
 from .sources import SourceData, load_cifar_c
 
 __all__ = [
@@ -263,9 +264,13 @@ class Corrupted(StreamBuilder):
     ) -> None:
         super().__init__(**kwargs)
         self.corruptions = list(DEFAULT_ORDER) if corruptions is None else list(corruptions)
-        unknown = [c for c in self.corruptions if c not in CORRUPTIONS]
+        # the CIFAR-C files hold all 15 benchmark corruptions (+4 extra); generated streams
+        # have the ones `corruptions.py` implements
+        valid = (CORRUPTION_NAMES_C + EXTRA_CORRUPTION_NAMES_C
+                 if self.source in ("cifar10_c", "cifar100_c") else CORRUPTIONS)
+        unknown = [c for c in self.corruptions if c not in valid]
         if unknown:
-            raise ValueError(f"corruptions: {unknown} unknown; valid: {list(CORRUPTIONS)}")
+            raise ValueError(f"corruptions: {unknown} unknown; valid: {list(valid)}")
         if schedule not in ("continual", "gradual", "mixed"):
             raise ValueError(f"schedule: {schedule!r} is not continual, gradual or mixed")
         self.levels = [1, 2, 3, 4, 5, 4, 3, 2, 1] if levels is None else [int(v) for v in levels]
