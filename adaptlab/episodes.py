@@ -21,6 +21,7 @@ import torch
 
 from .streams.core import Purpose, require_positive, rng
 from .streams.icl import (
+    ALL_FAMILIES,
     FAMILIES,
     REGRESSION,
     SIZES,
@@ -31,7 +32,7 @@ from .streams.icl import (
 )
 
 K_DISTS = ("uniform", "loguniform")
-REG_IDS = tuple(FAMILIES.index(f) for f in REGRESSION)
+REG_IDS = tuple(ALL_FAMILIES.index(f) for f in REGRESSION)
 
 
 def draw_k(seed: int, step: int, k_dist: str, k_min: int, k_max: int) -> int:
@@ -68,7 +69,8 @@ class EpisodeDataModule(pl.LightningDataModule):
     """Episodes of fresh tasks from `streams.icl` families (spec `stream_adapter.md` §4–§5).
 
     Args:
-        families: which families (default all seven: Stage A); Stage B lists the seen ones.
+        families: which families (default the seven of `FAMILIES`; `POOL` holds the
+            pretraining pool that excludes them); Stage B lists the seen ones.
         size: `tiny` or `small` (input widths, `streams.icl.SIZES`).
         n_items, n_labels: the family vocabulary (`FamilyVocab`).
         window: W, the base's context window in demonstrations.
@@ -88,9 +90,10 @@ class EpisodeDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         families = tuple(families)
-        bad = [f for f in families if f not in FAMILIES]
+        bad = [f for f in families if f not in ALL_FAMILIES]
         if bad or not families:
-            raise ValueError(f"families: unknown {bad or families!r}; choose from {FAMILIES}")
+            raise ValueError(f"families: unknown {bad or families!r}; choose from "
+                             f"{ALL_FAMILIES}")
         if size not in SIZES:
             raise ValueError(f"size: {size!r} is not one of {tuple(SIZES)}")
         if k_dist not in K_DISTS:
@@ -168,7 +171,8 @@ def predictions(
 ) -> torch.Tensor:
     """Per query: the predicted label id (label families) or the real prediction (regression).
 
-    `logits` (B, q, L) over the label block, `reg` (B, q), `family` (B,) indices into FAMILIES.
+    `logits` (B, q, L) over the label block, `reg` (B, q), `family` (B,) indices into
+    ALL_FAMILIES.
     """
     label = (logits.argmax(-1) + vocab.label_start).float()  # ids exceed bf16's exact range
     is_reg = torch.isin(family, torch.tensor(REG_IDS, device=family.device))

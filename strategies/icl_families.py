@@ -26,11 +26,11 @@ from adaptlab.episodes import EpisodeDataModule, average_skill, demo_curve
 from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import TinyGPT
-from adaptlab.streams.icl import FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
+from adaptlab.streams.icl import ALL_FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
 
 from .in_context import evaluate_and_log
 
-REG_IDS = tuple(FAMILIES.index(f) for f in REGRESSION)
+REG_IDS = tuple(ALL_FAMILIES.index(f) for f in REGRESSION)
 BASE_FORMAT = "adaptlab.tinygpt/1"
 
 
@@ -49,8 +49,8 @@ def family_readout(
 
 def _per_family_sum(per_row: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
     """Mean of `per_row` within each family present, summed over families (no host sync)."""
-    sums = per_row.new_zeros(len(FAMILIES)).index_add(0, family, per_row)
-    counts = torch.bincount(family, minlength=len(FAMILIES)).to(per_row.dtype)
+    sums = per_row.new_zeros(len(ALL_FAMILIES)).index_add(0, family, per_row)
+    counts = torch.bincount(family, minlength=len(ALL_FAMILIES)).to(per_row.dtype)
     return (sums / counts.clamp(min=1)).sum()
 
 

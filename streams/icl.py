@@ -23,8 +23,10 @@ from .bursty import (
     zipf_probs,
 )
 from .task_families import (
+    ALL_FAMILIES,
     CONTEXT_KEY,
     FAMILIES,
+    POOL,
     REGRESSION,
     SEEN,
     SIZES,
@@ -40,7 +42,8 @@ from .task_families import (
 )
 
 __all__ = [
-    "CONTEXT_KEY", "FAMILIES", "HOLDOUT_LABELS", "REGRESSION", "SEEN", "SIZES", "UNSEEN",
+    "ALL_FAMILIES", "CONTEXT_KEY", "FAMILIES", "HOLDOUT_LABELS", "POOL", "REGRESSION", "SEEN",
+    "SIZES", "UNSEEN",
     "BurstySource", "BurstyTokenStream", "BurstyTokenTask", "BurstyVocab", "ContextStream",
     "EvalSet", "FamilyVocab", "GeneratedColumn", "SegmentMaps", "episodes", "eval_sets_of",
     "family_batch", "family_skill", "icl_sequences", "label_block_of", "pack_queries",

@@ -24,7 +24,14 @@ from .core import Purpose, Segment, Stream, rng
 FAMILIES = ("linreg", "sparse_linreg", "logreg", "tokcls4", "tokcls8", "bool_conj", "bool_disj")
 SEEN = ("linreg", "logreg", "tokcls4", "bool_conj")
 UNSEEN = ("sparse_linreg", "tokcls8", "bool_disj")
-REGRESSION = ("linreg", "sparse_linreg")
+# The pretraining pool (issue 18: the paper's base never saw the evaluation tasks): families
+# of the same kinds — regression, linear classification, token maps, boolean functions — that
+# are none of the seen or unseen ones, for a Stage A that excludes all of FAMILIES.
+POOL = ("pool_tanhreg", "pool_quadreg", "pool_linclass3", "pool_tokcls3", "pool_tokcls6",
+        "pool_tokmany", "pool_bool_maj3", "pool_bool_parity2")
+ALL_FAMILIES = FAMILIES + POOL  # family ids index this (the first seven keep their ids)
+REGRESSION = ("linreg", "sparse_linreg", "pool_tanhreg", "pool_quadreg")
+TANH_SD = 0.7969  # sd of tanh(2z), z ~ N(0, 1): pool_tanhreg has Var y = 1 as the others
 SIZES = {"tiny": {"d": 4, "n_bits": 6, "nnz": 1}, "small": {"d": 8, "n_bits": 10, "nnz": 2}}
 
 
@@ -71,20 +78,22 @@ def icl_sequences(
     Returns `token`, `label_token` (NONE at the query), `value` (n, k+1, value_dim), and the
     query's answer: `target` (a label id; for regression the real `y`), plus `is_regression`.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family: {family!r} is not one of {FAMILIES}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family: {family!r} is not one of {ALL_FAMILIES}")
     if size not in SIZES:
         raise ValueError(f"size: {size!r} is not one of {tuple(SIZES)}")
     if k < 0 or n < 1:
         raise ValueError(f"n must be >= 1 and k >= 0, got {n}, {k}")
     v = vocab or FamilyVocab()
-    g = rng(seed, Purpose.ICL_TASK, FAMILIES.index(family), key)
+    g = rng(seed, Purpose.ICL_TASK, ALL_FAMILIES.index(family), key)
     s = SIZES[size]
     m = k + 1
     dv = value_dim(size)
     value = np.zeros((n, m, dv), dtype=np.float32)
     token = np.full((n, m), v.xvec, dtype=np.int64)
-    if family in REGRESSION or family == "logreg":
+    if family in POOL:
+        token, label, f = _pool_sequences(family, g, n, m, k, s, v, value)
+    elif family in REGRESSION or family == "logreg":
         d = s["d"]
         x = g.standard_normal((n, m, d))
         w = g.standard_normal((n, d))
@@ -143,6 +152,52 @@ def icl_sequences(
             "is_regression": torch.tensor(family in REGRESSION)}
 
 
+def _pool_sequences(
+    family: str, g: np.random.Generator, n: int, m: int, k: int, s: dict[str, int],
+    v: FamilyVocab, value: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Tokens, labels and (regression) targets of the pretraining-pool families; fills the
+    inputs into `value` in place. One fresh task per sequence, as every family."""
+    dv = value.shape[-1]
+    token = np.full((n, m), v.xvec, dtype=np.int64)
+    f = None
+    if family in ("pool_tanhreg", "pool_quadreg", "pool_linclass3"):
+        d = s["d"]
+        x = g.standard_normal((n, m, d))
+        value[:, :, :d] = x
+        if family == "pool_linclass3":  # argmax of 3 random linear scores
+            w = g.standard_normal((n, 3, d))
+            label = v.label_start + np.einsum("nmd,ncd->nmc", x, w).argmax(-1)
+            return token, label, None
+        w = g.standard_normal((n, d))
+        z = np.einsum("nmd,nd->nm", x, w / np.linalg.norm(w, axis=1, keepdims=True))  # N(0, 1)
+        f = np.tanh(2 * z) / TANH_SD if family == "pool_tanhreg" else (z ** 2 - 1) / math.sqrt(2)
+        value[:, :k, dv - 2] = f[:, :k]
+        return token, np.full((n, m), v.none, dtype=np.int64), f
+    if family in ("pool_tokcls3", "pool_tokcls6", "pool_tokmany"):
+        c, n_lab = {"pool_tokcls3": (3, 3), "pool_tokcls6": (6, 6), "pool_tokmany": (6, 2)}[
+            family]
+        items = np.argsort(g.random((n, v.n_items)), 1)[:, :c]
+        labs = v.label_start + np.argsort(g.random((n, v.n_labels)), 1)[:, :n_lab]
+        if n_lab < c:  # many items to few labels: a random surjection
+            labs = np.take_along_axis(labs, np.stack([g.permutation(np.arange(c) % n_lab)
+                                                      for _ in range(n)]), 1)
+        pick = g.integers(0, c, (n, m))
+        return (np.take_along_axis(items, pick, 1), np.take_along_axis(labs, pick, 1), None)
+    nb = s["n_bits"]  # boolean: majority of 3 literals, parity of 2 bits
+    x = g.choice([-1.0, 1.0], size=(n, m, nb))
+    value[:, :, :nb] = x
+    r = 3 if family == "pool_bool_maj3" else 2
+    idx = np.argsort(g.random((n, nb)), 1)[:, :r]
+    bits = np.take_along_axis(x, np.broadcast_to(idx[:, None, :], (n, m, r)), 2)
+    if family == "pool_bool_maj3":
+        sign = g.choice([-1.0, 1.0], size=(n, 1, r))
+        yb = ((bits * sign).sum(-1) > 0).astype(np.int64)
+    else:
+        yb = (bits.prod(-1) > 0).astype(np.int64)
+    return token, v.label_start + yb, None
+
+
 def episodes(
     family: str, n: int, k: int, n_query: int, seed: int, size: str = "tiny",
     vocab: FamilyVocab | None = None, key: int = 0,
@@ -175,7 +230,7 @@ def family_batch(
     Flat fields: `ctx_token`, `ctx_label`, `ctx_value` (B, k[, dv]) — the demonstrations;
     `q_token`, `q_label` (NONE), `q_value` (B, q[, dv]) — the queries, labels hidden;
     `target` (B, q) float (label ids for label families, `y` for regression); `family` (B,)
-    the index into `FAMILIES`. `per_family` episodes of each family, in `families` order.
+    the index into `ALL_FAMILIES`. `per_family` episodes of each family, in `families` order.
     """
     parts = [episodes(f, per_family, k, n_query, seed, size, vocab, key) for f in families]
     out = {
@@ -187,8 +242,8 @@ def family_batch(
         "q_value": torch.cat([p["queries"]["value"] for p in parts]),
         "target": torch.cat([p["queries"]["target"].float() for p in parts]),
     }
-    out["family"] = torch.cat([torch.full((per_family,), FAMILIES.index(f), dtype=torch.long)
-                               for f in families])
+    out["family"] = torch.cat([torch.full((per_family,), ALL_FAMILIES.index(f),
+                                          dtype=torch.long) for f in families])
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,12 @@ from scipy import stats
 
 from adaptlab.streams.core import Purpose, rng
 from adaptlab.streams.icl import (
+    ALL_FAMILIES,
     FAMILIES,
+    POOL,
     REGRESSION,
+    SEEN,
+    UNSEEN,
     BurstyTokenStream,
     BurstyTokenTask,
     FamilyVocab,
@@ -22,6 +28,8 @@ from adaptlab.streams.icl import (
     value_dim,
     zipf_probs,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_stream(**kw) -> BurstyTokenStream:
@@ -173,7 +181,7 @@ def test_bad_config_is_one_clear_error():
         BurstyTokenTask(context=6, burst=4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_families(family):
     v = FamilyVocab()
     s = icl_sequences(family, 64, 8, seed=0)
@@ -186,12 +194,42 @@ def test_families(family):
         assert 0.3 < float(s["value"][:, :8, -2].var()) < 3.0  # Var y ≈ 1
     else:
         assert ((s["target"] >= v.label_start) & (s["target"] < v.xvec)).all()
-    if family.startswith("tokcls"):
+    if family.startswith(("tokcls", "pool_tok")):
         # one task per sequence: an item always has the same label
         tok, lab = s["token"][:, :8], s["label_token"][:, :8]
         for r in range(8):
             for t in tok[r].unique():
                 assert lab[r][tok[r] == t].unique().numel() == 1
+
+
+def test_the_pretraining_pool_excludes_every_evaluation_family():
+    """Issue 18's protocol: Stage A's pool shares no family with Stage B's seen or unseen
+    ones, and the shipped pool config trains on the pool only."""
+    import yaml
+
+    assert not set(POOL) & set(FAMILIES) and set(SEEN) | set(UNSEEN) == set(FAMILIES)
+    cfg = yaml.safe_load(open(ROOT / "configs/icl/pretrain_pool.yaml"))
+    assert set(cfg["data"]["init_args"]["families"]) == set(POOL)
+    stage_b = yaml.safe_load(open(ROOT / "configs/stream_adapter/multitask.yaml"))
+    assert set(stage_b["data"]["init_args"]["families"]) == set(SEEN)  # one multi-task adapter
+
+
+@pytest.mark.parametrize("family", ["pool_tanhreg", "pool_quadreg"])
+def test_pool_regressions_have_unit_variance(family):
+    ys = icl_sequences(family, 4096, 3, seed=3)["target"]
+    assert 0.9 < float(ys.var()) < 1.1 and abs(float(ys.mean())) < 0.1
+
+
+@pytest.mark.parametrize("family", ["pool_bool_maj3", "pool_bool_parity2", "pool_tokmany"])
+def test_pool_label_families_are_functions_of_the_input(family):
+    """Within a sequence equal inputs get equal labels (one task), labels vary across inputs."""
+    s = icl_sequences(family, 64, 15, seed=4)
+    labels = torch.cat([s["label_token"][:, :15], s["target"][:, None]], 1)
+    keys = s["token"] * 1000 + (s["value"][..., :6] > 0).long().matmul(2 ** torch.arange(6))
+    for r in range(64):
+        for key in keys[r].unique():
+            assert labels[r][keys[r] == key].unique().numel() == 1
+    assert labels.unique().numel() >= 2
 
 
 def test_episodes_share_a_task():
