@@ -7,6 +7,7 @@ Its random draws come from its own checkpointed generator, so a resumed run draw
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ class ReservoirBuffer(nn.Module):
         self.register_buffer("y", torch.zeros(capacity, dtype=torch.int64))
         self.n_seen = 0
         self.gen = torch.Generator().manual_seed(seed)
+        self._idx: torch.Tensor | None = None  # `sample_into`'s index buffer
 
     def __len__(self) -> int:
         return min(self.n_seen, self.capacity)
@@ -61,6 +63,17 @@ class ReservoirBuffer(nn.Module):
         """k items drawn uniformly with replacement from what is stored."""
         idx = torch.randint(0, len(self), (k,), generator=self.gen).to(self.x.device)
         return self.x[idx], self.y[idx]
+
+    def sample_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """`sample(len(x))` written into preallocated `x`, `y` (the same draws from the same
+        generator): a replay batch without new tensors per step."""
+        k = len(x)
+        if self._idx is None or len(self._idx) != k:
+            self._idx = torch.empty(k, dtype=torch.int64)
+        torch.randint(0, len(self), (k,), generator=self.gen, out=self._idx)
+        idx = self._idx if self.x.device.type == "cpu" else self._idx.to(self.x.device)
+        torch.index_select(self.x, 0, idx, out=x)
+        torch.index_select(self.y, 0, idx, out=y)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"n_seen": self.n_seen, "gen": self.gen.get_state()}
@@ -177,7 +190,7 @@ class BottomKBuffer(nn.Module):
             return
         h, q = self._index(), self.quota()
         evicted = []
-        for g in sorted(h.count):
+        for g in sorted(h.members):
             slots = h.slots(g)
             if len(slots) > q:
                 for s in sorted(slots, key=h.keys.__getitem__)[q:]:
@@ -253,7 +266,7 @@ class BottomKBuffer(nn.Module):
     def items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stored (x, y, label), in key order (deterministic)."""
         h = self._index()
-        slots = sorted((s for s, k in enumerate(h.keys) if k != INF), key=h.keys.__getitem__)
+        slots = sorted((s for m in h.members.values() for s in m), key=lambda s: (h.keys[s], s))
         idx = torch.tensor(slots, dtype=torch.long).to(self.x.device)
         return self.x[idx], self.y[idx], self.label[idx]
 
@@ -277,15 +290,20 @@ def _ints(v: int | torch.Tensor | list[int], n: int) -> list[int]:
 
 class _HostIndex:
     """`BottomKBuffer`'s keys and groups per slot as Python values, with what an offer needs:
-    the set of stored keys and, per group, its item count and largest key (`balance="none"`:
-    one group, 0)."""
+    the set of stored keys, each group's slots, and per group its item count and largest
+    key (`balance="none"`: one group, 0)."""
 
     def __init__(self, keys: list[float], groups: list[int], grouped: bool) -> None:
         self.keys, self.groups, self.grouped = keys, groups, grouped
         self.stored = {k for k in keys if k != INF}
+        self.members: dict[int, set[int]] = {}
+        for s, k in enumerate(keys):
+            if k != INF:
+                self.members.setdefault(self._g(s), set()).add(s)
+        self.empty = [s for s, k in enumerate(keys) if k == INF]  # a min-heap of free slots
         self.count: dict[int, int] = {}
         self.top: dict[int, float] = {}
-        self.dirty = {self._g(s) for s, k in enumerate(keys) if k != INF}
+        self.dirty = set(self.members)
         self.settle()
 
     def _g(self, s: int) -> int:
@@ -294,26 +312,30 @@ class _HostIndex:
     def settle(self) -> None:
         """Recount the groups that `evict` / `store` touched."""
         for g in self.dirty:
-            mine = [self.keys[s] for s in self.slots(g)]
+            mine = self.members.get(g, ())
             self.count[g] = len(mine)
-            self.top[g] = max(mine, default=-INF)
+            self.top[g] = max((self.keys[s] for s in mine), default=-INF)
         self.dirty = set()
 
     def slots(self, g: int) -> list[int]:
         """Group g's occupied slots, ascending."""
-        return [s for s, k in enumerate(self.keys) if k != INF and self._g(s) == g]
+        return sorted(self.members.get(g, ()))
 
     def free(self, n: int) -> list[int]:
-        """The first n empty slots, ascending."""
-        return [s for s, k in enumerate(self.keys) if k == INF][:n]
+        """Take the n lowest empty slots, ascending."""
+        return [heapq.heappop(self.empty) for _ in range(n)]
 
     def evict(self, s: int) -> None:
         g = self._g(s)
         self.stored.discard(self.keys[s])
         self.keys[s] = INF
+        self.members[g].discard(s)
+        heapq.heappush(self.empty, s)
         self.dirty.add(g)
 
     def store(self, s: int, key: float, g: int) -> None:
         self.keys[s], self.groups[s] = key, g
         self.stored.add(key)
-        self.dirty.add(self._g(s))
+        g = self._g(s)
+        self.members.setdefault(g, set()).add(s)
+        self.dirty.add(g)

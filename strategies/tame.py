@@ -258,7 +258,8 @@ class ExpertPool(nn.Module):
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean loss per expert from [K, B, C] logits, float32."""
         k, b, c = logits.shape
-        per = classification_loss(logits.reshape(k * b, c), y.repeat(k), self.output, "none")
+        per = classification_loss(logits.reshape(k * b, c), y if k == 1 else y.repeat(k),
+                                  self.output, "none")
         return per.view(k, b).mean(1)
 
     @torch.no_grad()
@@ -337,7 +338,8 @@ def gaussian_dim(input_shape: Sequence[int]) -> int:
 class Moments(nn.Module):
     """Count, mean and centred scatter of every sample one expert trained on (Chan et al.'s
     pairwise update, float64): the `GaussianRouter`'s statistics from the whole stream, not
-    only from the few stored samples. d + d^2 numbers, no samples kept."""
+    only from the few stored samples. d + d^2 numbers, no samples kept. TAME merges a chunk's
+    batches of one expert at once (the same statistics up to float64 rounding)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -1014,9 +1016,16 @@ class TAME(StreamLearner):
             if self.retrain_capacity > 0:
                 r = self.retrain_buffers[k]
                 r.offer(x, y, [1 - v for v in kx] if content else r.item_keys(x).tolist())
-            if self.stream_moments:
-                self.moments[k].update(x)
             start = end
+        if self.stream_moments:  # one merge per run of batches of one expert, not per batch
+            run = [pending[0]]
+            for p in pending[1:] + [None]:
+                if p is not None and p[2] == run[0][2]:
+                    run.append(p)
+                    continue
+                self.moments[run[0][2]].update(run[0][0] if len(run) == 1 else
+                                               torch.cat([q[0] for q in run]))
+                run = [p]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         """`StreamLearner.training_step` with the memory offers batched over the chunk."""
