@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 import adaptlab.strategies  # noqa: F401  (registers the learners for `--model Name`)
 
+from ._lightning_private import CLI_CKPT_HOOK
 from .data import StreamDataModule, require_one_epoch, require_whole_stream
 from .distributed import StreamDDPStrategy
 from .evaluation import StreamEvaluator
@@ -164,8 +165,9 @@ class AdaptLabCLI(LightningCLI):
                                                        leave=False)))
         trainer["callbacks"] = callbacks
 
-    def _parse_ckpt_path(self) -> None:
-        """Check a checkpoint against the config instead of merging its hyperparameters in.
+    def _check_ckpt_path(self) -> None:
+        """Check a checkpoint against the config instead of merging its hyperparameters in
+        (Lightning calls it by a private name: `_lightning_private.CLI_CKPT_HOOK`).
 
         LightningCLI replaces the configured model with the checkpoint's; here the config (plus
         the seed) defines the run, so a checkpoint from another learner or with other learner
@@ -262,6 +264,9 @@ class AdaptLabCLI(LightningCLI):
                 f"log dir {log_dir!r} is not writable ({err.strerror}); set "
                 "--trainer.logger.init_args.save_dir to a writable folder"
             ) from None
+
+
+setattr(AdaptLabCLI, CLI_CKPT_HOOK, AdaptLabCLI._check_ckpt_path)
 
 
 class PredictionFile(BasePredictionWriter):

@@ -15,8 +15,9 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from pytorch_lightning.overrides.distributed import _sync_module_states
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+
+from ._lightning_private import sync_module_states
 
 
 class StreamDDPStrategy(DDPStrategy):
@@ -26,7 +27,7 @@ class StreamDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         # No DistributedDataParallel wrapper: every rank starts from rank 0's parameters.
-        _sync_module_states(self.model)
+        sync_module_states(self.model)
 
     def pre_backward(self, closure_loss: torch.Tensor) -> None:
         # Nothing to prepare: there is no DDP reducer.

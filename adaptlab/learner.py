@@ -18,16 +18,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.core.optimizer import LightningOptimizer
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from . import metrics
+from ._lightning_private import attached_trainer, count_optimizer_step, optimizer_step_hooks
 from .models import build_model
+from .seeding import seeded
 from .streams.core import require_positive
 
 UpdateHook = Callable[[int], None]
+TestSet = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -97,8 +102,7 @@ class StreamLearner(pl.LightningModule):
     # -- building blocks for subclasses -------------------------------------------------------
     def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
         """A fresh backbone, initialised from (seed, index) without touching global RNGs."""
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(self.seed * 1_000_003 + index)
+        with seeded(self.seed * 1_000_003 + index):
             return build_model(
                 self.backbone, self.input_shape, n_classes or self.n_classes, **self.backbone_args
             )
@@ -128,19 +132,21 @@ class StreamLearner(pl.LightningModule):
             for hook in self._update_hooks:
                 hook(self.update_steps)
             if isinstance(optimizer, LightningOptimizer):
-                optimizer._on_before_step()
+                before, after = optimizer_step_hooks(optimizer)
+                before()
                 optimizer.optimizer.step()
-                optimizer._on_after_step()
+                after()
             else:
                 optimizer.step()
                 self._count_step()
         else:
             self.manual_backward(loss)
-            sync = getattr(self._trainer.strategy, "sync_grads", None) if self._trainer else None
+            trainer = attached_trainer(self)
+            sync = getattr(trainer.strategy, "sync_grads", None) if trainer else None
             if sync is not None:
                 sync([p for group in optimizer.param_groups for p in group["params"]], n)
             if clip is not None:
-                scaler = getattr(self._trainer.precision_plugin, "scaler", None)
+                scaler = getattr(trainer.precision_plugin, "scaler", None)
                 if scaler is not None:  # fp16 AMP: clip the true gradients, not scaled ones
                     scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
                 _clip(optimizer, clip)
@@ -154,11 +160,9 @@ class StreamLearner(pl.LightningModule):
     def _count_step(self) -> None:
         """Count an update of an optimizer Lightning does not manage (e.g. created at run
         time) toward `global_step`, so step-based checkpointing works for every learner."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None:
-            progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-            progress.increment_ready()
-            progress.increment_completed()
+            count_optimizer_step(trainer)
 
     def _can_bypass_lightning(self) -> bool:
         """True when Lightning's backward/step path would add nothing but overhead."""
@@ -167,7 +171,7 @@ class StreamLearner(pl.LightningModule):
         from pytorch_lightning.strategies import SingleDeviceStrategy
         from pytorch_lightning.utilities.model_helpers import is_overridden
 
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or not self.fast_update:
             return False
         precision = trainer.precision_plugin
@@ -244,6 +248,54 @@ class StreamLearner(pl.LightningModule):
         """What counts toward model size (default: the whole learner)."""
         return [self]
 
+    def summary_metrics(
+        self, segments: Sequence[int], test_set: TestSet, events: metrics.OnlineEvents
+    ) -> dict[str, Any]:
+        """This learner's own end-of-run metrics, `final.learner` in `metrics.json`
+        (`metrics.EXPERT_METRICS`); all null for learners without experts.
+
+        The evaluator knows no method: a learner that routes to experts (it overrides
+        `expert_ids`) gets task-inferred, task-oracle, class-IL and selector accuracy here. An
+        expert "belongs" to the segment it was active on most during training, and a
+        segment's own expert is the one most active on it; test inputs are routed as
+        `forward` routes them (`expert_ids(x)`). `test_set(id)` gives a segment's held-out
+        `(x, y)`; `events` are the run's online events, in stream order.
+        """
+        out: dict[str, Any] = dict.fromkeys(metrics.EXPERT_METRICS)
+        active = self.expert_ids()
+        if active is None or len(events) == 0:
+            return out
+        active = np.asarray(active.cpu() if torch.is_tensor(active) else active)[: len(events)]
+        segment_of, expert_of = {}, {}
+        for k in np.unique(active):
+            segs, counts = np.unique(events.seg[active == k], return_counts=True)
+            segment_of[int(k)] = int(segs[np.argmax(counts)])
+        for s in np.unique(events.seg):
+            ks, counts = np.unique(active[events.seg == s], return_counts=True)
+            expert_of[int(s)] = int(ks[np.argmax(counts)])
+        inferred, oracle, class_il, selector = [], [], [], []
+        was = self.training
+        self.eval()
+        with torch.no_grad():
+            for seg in segments:
+                x, y = test_set(seg)
+                x, y = x.to(self.device), y.to(self.device)
+                routed = self.expert_ids(x).cpu().numpy()
+                ok = (self(x).argmax(-1) == y).cpu().numpy()
+                right_expert = np.array([segment_of.get(int(r), -1) == seg for r in routed])
+                own = self.expert_logits(x, expert_of[seg]) if seg in expert_of else None
+                inferred.append(ok.mean())
+                oracle.append(float("nan") if own is None else
+                              (own.argmax(-1) == y).float().mean().item())
+                selector.append(right_expert.mean())
+                class_il.append((ok & right_expert).mean())
+        self.train(was)
+        out.update(acc_task_inferred=float(np.mean(inferred)),
+                   acc_task_oracle=None if np.isnan(oracle).any() else float(np.mean(oracle)),
+                   acc_class_il=float(np.mean(class_il)), selector_acc=float(np.mean(selector)),
+                   n_experts=len(np.unique(active)))
+        return out
+
     # -- Lightning plumbing -------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict:
         x, y = batch
@@ -251,42 +303,59 @@ class StreamLearner(pl.LightningModule):
         pairs = [(x, y)] if len(x) <= b else list(zip(x.split(b), y.split(b)))
         sizes = self._global_sizes([len(xb) for xb, _ in pairs])
         outs, losses = [], []
-        # Counters are plain ints in the instance dict: nn.Module.__setattr__ costs ~1.5 µs a
-        # call, a measurable share of an online step on a tiny model.
-        state = self.__dict__
         for (xb, yb), n in zip(pairs, sizes):
-            state["batch_position"] = state["samples_seen"]
-            for hook in self._observe_hooks:
-                hook(state["update_steps"])
-            logits, loss = self.observe(xb, yb)
-            state["samples_seen"] += n
-            state["observe_steps"] += 1
+            logits, loss = self.observe_counted(xb, yb, n)
             outs.append(logits)
             if loss is not None:
                 losses.append(loss)
-        if losses and self.nonfinite == "raise":
-            self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
+        self.check_losses(losses)
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)
         return {"preds": logits.argmax(-1)}
+
+    def observe_counted(
+        self, x: torch.Tensor, y: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One `observe` with its bookkeeping: `batch_position`, the observe hooks, then
+        `samples_seen += n` (stream samples in the batch, all processes) and `observe_steps`.
+        Every loop that drives a learner (Lightning's `training_step`, the Avalanche
+        bridge) goes through here, so the counters cannot differ by loop."""
+        # Counters are plain ints in the instance dict: nn.Module.__setattr__ costs ~1.5 µs a
+        # call, a measurable share of an online step on a tiny model.
+        state = self.__dict__
+        state["batch_position"] = state["samples_seen"]
+        for hook in self._observe_hooks:
+            hook(state["update_steps"])
+        logits, loss = self.observe(x, y)
+        state["samples_seen"] += n
+        state["observe_steps"] += 1
+        return logits, loss
+
+    def check_losses(self, losses: list[torch.Tensor]) -> None:
+        """Raise `NonFiniteLossError` if any of these `observe` losses is NaN or infinite
+        (with `nonfinite: raise`); one host sync for the lot, so loops call it per chunk."""
+        if losses and self.nonfinite == "raise":
+            self._check_finite(losses[0] if len(losses) == 1 else torch.stack(losses))
 
     def global_mean(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """`t` (a mean over this process's `n` samples) as the mean over the whole
         mini-batch under data parallelism; unchanged in one process."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         fn = getattr(strategy, "weighted_mean", None)
         return t if fn is None else fn(t, n)
 
     def gather_batch(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The whole mini-batch on every process (for state every rank must hold alike, such
         as memories); unchanged in one process."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         fn = getattr(strategy, "gather_batch", None)
         return tensors if fn is None else tuple(fn(t) for t in tensors)
 
     def local_share(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This process's contiguous part of tensors every process holds alike (the inverse
         of `gather_batch`); unchanged in one process."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.world_size == 1:
             return tensors
         world, rank = trainer.world_size, trainer.global_rank
@@ -295,7 +364,7 @@ class StreamLearner(pl.LightningModule):
     def _global_sizes(self, local: list[int]) -> list[int]:
         """Mini-batch sizes over all processes (under DDP each holds a share of a batch), so
         `batch_position` counts stream samples: what task-free detectors report against."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.world_size == 1:
             return local
         total = trainer.strategy.all_sum(torch.tensor(local, device=self.device))

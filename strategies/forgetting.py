@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from adaptlab.detect import ShiftDetector
+from adaptlab.oracle import SegmentChange
 
 REGIMES = ("none", "active", "temporary")
 INITS = ("init_std", "module_default", "matched")
@@ -347,7 +348,7 @@ class EmbeddingForgetting(pl.Callback):
         self.log_every = log_every
         self.detector = ShiftDetector(**(detector or {})) if rearm_on == "detected" else None
         self.detector_cooldown = every_k // 2 if detector_cooldown is None else detector_cooldown
-        self._segment: int | None = None
+        self._segment = SegmentChange()
         self._restart_detector = False
         self._groups: dict[str, list[int]] = {}
         self._hooked_module: pl.LightningModule | None = None
@@ -368,6 +369,13 @@ class EmbeddingForgetting(pl.Callback):
     def name(self) -> str:
         """`<regime>-k<k>-N<N>` for run names."""
         return f"{self.core.regime}-k{self.core.k}-N{self.core.N}"
+
+    per_token = False
+    """Driven per step (`ForgettingCore`), not per token: what the Avalanche plugin reads."""
+
+    def bind_without_trainer(self, model: nn.Module, optimizer: Any | None) -> None:
+        """Bind to the embedding inside `model` when no Trainer runs (the Avalanche plugin)."""
+        self.core.bind(find_model(model), optimizer)
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -445,16 +453,9 @@ class EmbeddingForgetting(pl.Callback):
             _log(trainer, {"forgetting/rearm": 1.0}, step)
 
     def _check_segment(self, trainer: pl.Trainer, step: int) -> None:
-        dm = getattr(trainer, "datamodule", None)
-        meta = dm.batch_meta() if callable(getattr(dm, "batch_meta", None)) else {}
-        seg = meta.get("segment_ids")
-        if seg is None or len(seg) == 0:
-            return
-        current = int(seg[0])
-        if self._segment is not None and current != self._segment:
+        if self._segment.update_from(getattr(trainer, "datamodule", None), remember="first"):
             self.core.rearm(step)
             _log(trainer, {"forgetting/rearm": 1.0}, step)
-        self._segment = current
 
     @torch.no_grad()
     def _log_norms(self, trainer: pl.Trainer, step: int) -> None:
@@ -470,7 +471,7 @@ class EmbeddingForgetting(pl.Callback):
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {"core": self.core.state_dict(), "segment": self._segment,
+        state = {"core": self.core.state_dict(), "segment": self._segment.last,
                  "restart_detector": self._restart_detector}
         if self.detector is not None:
             state["detector"] = self.detector.state_dict()
@@ -478,7 +479,7 @@ class EmbeddingForgetting(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.core.load_state_dict(state_dict["core"])
-        self._segment = state_dict.get("segment")
+        self._segment.last = state_dict.get("segment")
         self._restart_detector = bool(state_dict.get("restart_detector", False))
         if self.detector is not None and "detector" in state_dict:
             self.detector.load_state_dict(state_dict["detector"])
@@ -602,6 +603,17 @@ class ProbabilisticEmbeddingForgetting(pl.Callback):
                                      also_output_head, seed)
         self.exclude_ids = exclude_ids
         self._hooked = False
+
+    per_token = True
+    """Driven per token (`TokenReplacement`): what the Avalanche plugin reads."""
+
+    def bind_without_trainer(self, model: nn.Module, optimizer: Any | None) -> None:
+        """Bind to the embedding inside `model` when no Trainer runs (the Avalanche plugin):
+        without a stream's vocabulary groups, only the pad row is never replaced."""
+        self.core.bind(find_model(model), optimizer)
+        if self.exclude_ids is None:
+            pad = self.core.emb.padding_idx
+            self.core.exclude = torch.tensor([] if pad is None else [pad], dtype=torch.long)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.core.bind(find_model(pl_module), trainer.optimizers[0] if trainer.optimizers

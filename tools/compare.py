@@ -200,9 +200,9 @@ def tame_memory(args: argparse.Namespace, tcfg: dict[str, Any], stream) -> dict[
 def mlp(stream, hidden: int, seed: int) -> torch.nn.Module:
     """The baselines' backbone, initialised as `StreamLearner.build_backbone` does."""
     from adaptlab.models import build_model
+    from adaptlab.seeding import seeded
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003)
+    with seeded(seed * 1_000_003):
         return build_model("mlp", stream.input_shape, stream.n_classes, hidden=(hidden,))
 
 
