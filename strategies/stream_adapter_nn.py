@@ -128,6 +128,25 @@ class ContextMapper(nn.Module):
         new = torch.where(valid[:, None, None, None], new, state)
         return new, count + valid.long()
 
+    @torch.no_grad()
+    def chunk_weights(self, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """How much each chunk weighs in the final state, (B, H, M_h, n_chunks): `S_n` is
+        `Σ_j w_j·O_j` with `w_j = (1−α_j)·Π_{i>j} α_i` (`ema`; `w_1 = Π_{i>1} α_i`) or
+        `Π_{i>j} α_i` (`additive`). Recency means the last chunk weighs at least the first."""
+        alphas = []
+        for lo in range(0, k.shape[2], chunk_size):
+            o, _ = self.summarize(k[:, :, lo:lo + chunk_size], v[:, :, lo:lo + chunk_size])
+            alphas.append(self.alpha(o)[..., 0])
+        a = torch.stack(alphas, -1)  # (B, H, M_h, n)
+        later = torch.ones_like(a)  # Π_{i>j} α_i
+        for j in range(a.shape[-1] - 2, -1, -1):
+            later[..., j] = later[..., j + 1] * a[..., j + 1]
+        if self.recurrence == "additive":
+            return later
+        own = 1 - a
+        own[..., 0] = 1.0  # the first valid chunk sets S = O_1
+        return own * later
+
     def forward(
         self, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
         mask: torch.Tensor | None = None,

@@ -125,3 +125,25 @@ def test_missing_adapter_is_one_line_error(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("stream_adapter_bench: error: adapter:")
     assert "missing.pt" in lines[0]
     assert not (tmp_path / "b.md").exists()
+
+
+def test_baselines_add_the_protocol_table_and_cost_rows(tmp_path: Path, capsys) -> None:
+    """`--baselines`: evicting KV, TempLoRA and MT-LoRA on the same episodes, the protocol
+    table over two evaluation seeds, and a cost row per method."""
+    adapters = write_exports(tmp_path)[:1]  # regression: linreg seen, sparse_linreg unseen
+    doc = bench.main(["--adapters", *adapters, "--quick", "--episodes", "4", "--reps", "2",
+                      "--baselines", "--seeds", "4321", "7", "--templora-steps", "3",
+                      "--mt-lora-steps", "3", "--out", str(tmp_path / "b")])
+    printed = capsys.readouterr().out
+    assert "## The paper's protocol" in printed and "| **seen avg** | seen | TempLoRA |" in printed
+    skill = doc["skill"]
+    for method in ("evicting KV", "TempLoRA", "MT-LoRA"):
+        assert set(skill[method]) == {"linreg", "sparse_linreg"}
+    # at k = 0 TempLoRA has nothing to train on and evicting KV holds nothing: zero-shot
+    assert skill["TempLoRA"]["linreg"][0] == skill["zero-shot"]["linreg"][0]
+    # evicting KV keeps the last m demos: at k <= m it is ICL
+    m = doc["protocol"]["cost"][1]["held_nbytes"] // (2 * 2 * 16 * 4)
+    assert skill["evicting KV"]["linreg"][1] == skill["ICL"]["linreg"][1] and m >= 1
+    assert len(doc["protocol"]["skill"]) == 2
+    methods = {r["method"] for r in doc["protocol"]["cost"]}
+    assert methods == {"StreamAdapter", "evicting KV", "TempLoRA", "MT-LoRA"}

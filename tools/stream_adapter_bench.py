@@ -17,6 +17,13 @@ The benchmark of spec `stream_adapter.md` §7. For every Stage B export (`--adap
 - **Claims.** A0 (an empty state answers as the base), A1/A2 (vs ICL at k ∈ {4, W}), A3, A4,
   the tiny criterion (within 0.15 of ICL at W off the label maps), where SA ≥ ICL by k, and
   C1–C4 from the cost table; wall-clock claims on a shared CPU are indicative only.
+- **Baselines** (`--baselines`, the paper's; `strategies/stream_adapter_baselines.py`):
+  `evicting KV` (ICL keeping the last m demos, m the positions whose KV fits in the
+  adapter's state), `TempLoRA` (a fresh LoRA per context trained on its demos, rank `d_h` =
+  the adapter's ΔW rank bound) and `MT-LoRA` (one LoRA trained on the seen families with no
+  context), each with a cost row; and the protocol table SA vs ICL vs TempLoRA vs MT-LoRA vs
+  evicting KV at k ∈ {4, W, 4W, 16W} over `--seeds` evaluation seeds. Off by default: the
+  tables above do not change.
 - **Cost** (one context, batch 1, `--latency-ks`): absorption ms per demo, commit time, the
   latency of one single-query forward with merged weights (committed) and through the side
   branch, `state_nbytes` and the encoder cache held between queries. ICL needs k + 1
@@ -58,6 +65,14 @@ from adaptlab.strategies.icl_families import (
     zero_shot_outputs,
 )
 from adaptlab.strategies.stream_adapter import AdaptedGPT, adapted_outputs, load_adapter
+from adaptlab.strategies.stream_adapter_baselines import (
+    LoRA,
+    evict_window,
+    kv_bytes_per_position,
+    lora_outputs,
+    templora_outputs,
+    train_mt_lora,
+)
 from adaptlab.streams.icl import REGRESSION, UNSEEN, FamilyVocab, family_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +85,8 @@ SWEEP_KS = (0, 1, 2, 4, 8, 16, 64, 256)
 LATENCY_KS = (4, 16, 64, 256, 1024, 4096)
 QUICK_LATENCY_KS = (4, 16, 64)
 METHODS = ("zero-shot", "ICL", "truncated ICL", "StreamAdapter")
+BASELINES = ("evicting KV", "TempLoRA", "MT-LoRA")  # --baselines (issue 18)
+PROTOCOL_METHODS = ("StreamAdapter", "ICL", "TempLoRA", "MT-LoRA", "evicting KV")
 TINY_FAMILIES = ("linreg", "sparse_linreg", "logreg", "bool_conj", "bool_disj")  # not label maps
 Curve = dict[str, dict[int, dict[str, float]]]
 
@@ -141,7 +158,8 @@ def sweep_ks(window: int, quick: bool) -> list[int]:
 
 
 def skill_curves(exp: Export, ks: Sequence[int], episodes: int, seed: int, device: str,
-                 t0: float) -> dict[str, Curve]:
+                 t0: float, baselines: dict[str, tuple[Callable, list[int]]] | None = None
+                 ) -> dict[str, Curve]:
     """`curves[method][family][k]` on the same episodes for every method."""
     w, vocab, fams = exp.window, exp.vocab, [*exp.seen, *exp.unseen]
     common = {"episodes": episodes, "n_query": exp.task["n_query"], "seed": seed,
@@ -153,6 +171,8 @@ def skill_curves(exp: Export, ks: Sequence[int], episodes: int, seed: int, devic
                           [k for k in ks if k > w]),
         "StreamAdapter": (lambda b: adapted_outputs(exp.core, b, vocab), list(ks)),
     }
+    if baselines is not None:
+        runs.update(baselines)
     curves: dict[str, Curve] = {}
     for method, (predict, mks) in runs.items():
         log(f"skill: {exp.name}, {method}, k = {mks}", t0)
@@ -316,6 +336,134 @@ def cost_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     peaks = [by_k[k]["sa_committed_peak_bytes"] for k in (lo, hi)]
     out["sa_committed_peak"] = None if None in peaks else peaks[1] / peaks[0]
     return out
+
+
+# ----- the paper's baselines (--baselines) -----------------------------------------------
+
+
+@dataclass
+class Baselines:
+    """The baselines of one export: MT-LoRA trained once, the evicting-KV budget, ranks."""
+
+    mt_lora: LoRA
+    evict_m: int
+    rank: int
+    templora_steps: int
+    templora_lr: float
+    mt_lora_s: float
+
+    def runs(self, exp: Export, ks: Sequence[int]) -> dict[str, tuple[Callable, list[int]]]:
+        vocab = exp.vocab
+        return {
+            "evicting KV": (lambda b: icl_outputs(exp.base, b, vocab, window=self.evict_m),
+                            list(ks)),
+            "TempLoRA": (lambda b: templora_outputs(exp.base, b, vocab, rank=self.rank,
+                                                    steps=self.templora_steps,
+                                                    lr=self.templora_lr), list(ks)),
+            "MT-LoRA": (lambda b: lora_outputs(exp.base, self.mt_lora, b, vocab), list(ks)),
+        }
+
+
+def build_baselines(exp: Export, args: argparse.Namespace, t0: float) -> Baselines:
+    rank = exp.core.mappers[str(exp.core.layer_ids[0])].d_head  # ΔW's rank bound
+    log(f"baselines: {exp.name}, MT-LoRA rank {rank}, {args.mt_lora_steps} steps", t0)
+    start = time.perf_counter()
+    mt = train_mt_lora(exp.base, exp.seen, exp.vocab, exp.task["size"], exp.task["n_query"],
+                       rank=rank, steps=args.mt_lora_steps, seed=args.seed)
+    return Baselines(mt, evict_window(exp.core.state_nbytes, exp.base), rank,
+                     args.templora_steps, args.templora_lr, time.perf_counter() - start)
+
+
+def baseline_cost(exp: Export, bl: Baselines, ks: Sequence[int], reps: int, device: str,
+                  seed: int) -> list[dict[str, Any]]:
+    """Per method and k (batch 1): query ms, bytes held between queries, adaptation ms/demo."""
+    vocab, task, core = exp.vocab, exp.task, exp.core
+    rows = []
+    for k in ks:
+        b = family_batch([exp.seen[0]], 1, k, 1, seed, task["size"], vocab, key=4242)
+        b = {n: t.to(device) for n, t in b.items()}
+        q = (b["q_token"], b["q_value"], b["q_label"])
+
+        def absorb(b: dict = b) -> None:
+            core.reset_state(1)
+            core.absorb(b["ctx_token"], b["ctx_value"], label_tokens=b["ctx_label"])
+
+        absorb_ms = median_ms(absorb, 5, device, budget_s=1.0, min_reps=3)
+        absorb()
+        core.commit()
+        sa_q = median_ms(lambda q=q: core.hidden(*q), reps, device, budget_s=1.0)
+        core.reset_state(1)
+        m = min(k, bl.evict_m)
+        kv = exp.base.hidden(b["ctx_token"][:, k - m:], label_tokens=b["ctx_label"][:, k - m:],
+                             values=b["ctx_value"][:, k - m:])[1] if m else None
+        ev_q = median_ms(lambda kv=kv, q=q: exp.base.hidden(
+            q[0], label_tokens=q[2], values=q[1], past_kv=kv), reps, device, budget_s=1.0)
+        t = time.perf_counter()
+        templora_outputs(exp.base, b, vocab, rank=bl.rank, steps=bl.templora_steps,
+                         lr=bl.templora_lr)
+        tl_ms = (time.perf_counter() - t) * 1e3
+        lora_q = median_ms(lambda b=b: lora_outputs(exp.base, bl.mt_lora, b, vocab), reps,
+                           device, budget_s=1.0)
+        per = bl.mt_lora.nbytes_per_context
+        rows += [
+            {"method": "StreamAdapter", "k": k, "query_ms": sa_q, "held_nbytes": core.state_nbytes,
+             "adapt_ms_per_demo": absorb_ms / k},
+            {"method": "evicting KV", "k": k, "query_ms": ev_q,
+             "held_nbytes": m * kv_bytes_per_position(exp.base),
+             "adapt_ms_per_demo": None},
+            {"method": "TempLoRA", "k": k, "query_ms": lora_q, "held_nbytes": per,
+             "adapt_ms_per_demo": tl_ms / k},
+            {"method": "MT-LoRA", "k": k, "query_ms": lora_q, "held_nbytes": per,
+             "adapt_ms_per_demo": 0.0},
+        ]
+    core.reset_state(1)
+    return rows
+
+
+def protocol_table(per_seed: list[dict[str, Curve]], fams: dict[str, dict[str, Any]],
+                   window: int) -> list[str]:
+    """Mean over seeds (± sd when several) per family and split average, at k ∈ {4, W, 4W,
+    16W}: skill (regression max(0, 1 − nMSE)); ICL only up to W."""
+    ks = sorted({4, window, 4 * window, 16 * window})
+    head = "| family | split | method | " + " | ".join(f"k={k}" for k in ks) + " |"
+    lines = [head, "|---|---|---|" + "---:|" * len(ks)]
+
+    def cell(vals: list[float]) -> str:
+        if not vals:
+            return "—"
+        mean = sum(vals) / len(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else None
+        return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+    groups = {**{f: [f] for f in fams},
+              "**seen avg**": [f for f, i in fams.items() if i["split"] == "seen"],
+              "**unseen avg**": [f for f, i in fams.items() if i["split"] == "unseen"]}
+    for name, members in groups.items():
+        if not members:
+            continue
+        split = fams[name]["split"] if name in fams else name.strip("*").split()[0]
+        for method in PROTOCOL_METHODS:
+            cells = []
+            for k in ks:
+                vals = []
+                for curves in per_seed:
+                    rows = [_row(curves, method, f, k) for f in members]
+                    if rows and all(r is not None for r in rows):
+                        vals.append(sum(r["skill"] for r in rows) / len(rows))
+                cells.append(cell(vals))
+            label = f"`{name}`" if name in fams else name
+            lines.append(f"| {label} | {split} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def baseline_cost_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| method | k | query ms | held between queries | adaptation ms/demo |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ad = "—" if r["adapt_ms_per_demo"] is None else f"{r['adapt_ms_per_demo']:.3f}"
+        lines.append(f"| {r['method']} | {r['k']} | {r['query_ms']:.3f} | "
+                     f"{_bytes(r['held_nbytes'])} | {ad} |")
+    return lines
 
 
 # ----- claims --------------------------------------------------------------------------------
@@ -616,6 +764,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 16 episodes, k ∈ {0, 1, 4, W, 4W}, latency k 4 16 64")
+    ap.add_argument("--baselines", action="store_true",
+                    help="add evicting KV, TempLoRA and MT-LoRA and the protocol table")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="with --baselines: evaluation seeds of the protocol table (default: "
+                    "--seed)")
+    ap.add_argument("--templora-steps", type=int, default=20)
+    ap.add_argument("--templora-lr", type=float, default=1e-2)
+    ap.add_argument("--mt-lora-steps", type=int, default=300)
     ap.add_argument("--out", default=DEFAULT_OUT,
                     help="output prefix: <out>.md, <out>.json, <out>_skill.png, <out>_cost.png")
     args = ap.parse_args(argv)
@@ -640,24 +796,45 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     exports = [load_export(p, args.base, args.device) for p in args.adapters]
 
-    curves: dict[str, Curve] = {m: {} for m in METHODS}
+    methods = [*METHODS, *BASELINES] if args.baselines else list(METHODS)
+    curves: dict[str, Curve] = {m: {} for m in methods}
     fams: dict[str, dict[str, Any]] = {}
     a0: dict[str, Any] = {}
     all_ks: set[int] = set()
+    bls: dict[str, Baselines] = {}
+    protocol: list[dict[str, Curve]] = []
     for exp in exports:
         ks = sweep_ks(exp.window, args.quick)
         all_ks.update(ks)
         a0[exp.path] = check_a0(exp, args.seed, args.device)
+        extra = None
+        if args.baselines:
+            bls[exp.path] = build_baselines(exp, args, t0)
+            extra = bls[exp.path].runs(exp, ks)
         with torch.no_grad():
-            got = skill_curves(exp, ks, args.episodes, args.seed, args.device, t0)
+            got = skill_curves(exp, ks, args.episodes, args.seed, args.device, t0, extra)
         for fam in [*exp.seen, *exp.unseen]:
             if fam in fams:
                 raise ValueError(f"--adapters: family {fam!r} is evaluated by two exports; "
                                  "benchmark them separately")
             fams[fam] = {"split": "seen" if fam in exp.seen else "unseen",
                          "adapter": exp.path, "window": exp.window}
-            for m in METHODS:
+            for m in methods:
                 curves[m][fam] = got[m][fam]
+    if args.baselines:
+        protocol.append(curves)
+        for seed in [s for s in (args.seeds or [args.seed]) if s != args.seed]:
+            more: dict[str, Curve] = {m: {} for m in PROTOCOL_METHODS}
+            for exp in exports:
+                w = exp.window
+                pks = sorted({4, w, 4 * w, 16 * w})
+                with torch.no_grad():
+                    got = skill_curves(exp, pks, args.episodes, seed, args.device, t0,
+                                       bls[exp.path].runs(exp, pks))
+                for m in PROTOCOL_METHODS:
+                    for fam in got[m]:
+                        more[m][fam] = got[m][fam]
+            protocol.append(more)
     skill_s = time.perf_counter() - t0
 
     windows = sorted({e.window for e in exports})
@@ -712,6 +889,26 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     for cost in costs:
         lines += ["", f"## Cost (batch 1, one query; `{Path(cost['adapter']).name}`)", "",
                   *cost_table(cost)]
+    bl_cost: list[dict[str, Any]] = []
+    if args.baselines:
+        e0w = windows[0]
+        lines += ["", "## The paper's protocol: SA vs ICL vs TempLoRA vs MT-LoRA vs evicting KV",
+                  "", f"Skill (regression max(0, 1 − nMSE)), {args.episodes} episodes per cell, "
+                  f"mean ± sd over evaluation seeds {args.seeds or [args.seed]}. ICL holds k ≤ W "
+                  "demos; evicting KV the last "
+                  + ", ".join(f"{b.evict_m}" for b in bls.values())
+                  + " (the adapter state's bytes); TempLoRA: rank "
+                  + ", ".join(f"{b.rank}" for b in bls.values())
+                  + f", {args.templora_steps} Adam steps (lr {args.templora_lr}) per context; "
+                  f"MT-LoRA: same rank, {args.mt_lora_steps} steps on the seen families, no "
+                  "context.", "", *protocol_table(protocol, fams, e0w)]
+        for exp in exports:
+            bl_cost += baseline_cost(exp, bls[exp.path], [4, e0w, 16 * e0w], args.reps,
+                                     args.device, args.seed)
+        lines += ["", "Cost per method (batch 1; TempLoRA and MT-LoRA queried through the "
+                  "unmerged LoRA; MT-LoRA is trained once, offline: "
+                  + ", ".join(f"{b.mt_lora_s:.0f} s" for b in bls.values()) + "):", "",
+                  *baseline_cost_table(bl_cost)]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
 
@@ -730,6 +927,9 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                             "steps": e.record.get("steps"), "base_sha256": e.record["base_sha256"],
                             "adapter_args": e.record["adapter_args"]} for e in exports],
               "families": fams, "skill": curves, "a0": a0, "claims": claims, "cost": costs}
+    if args.baselines:
+        result["protocol"] = {"seeds": args.seeds or [args.seed], "skill": protocol,
+                              "cost": bl_cost}
     write_json_atomic(out + ".json", result)
     return result
 
