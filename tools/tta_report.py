@@ -242,6 +242,7 @@ def cost(args: argparse.Namespace) -> dict[str, float]:
         learner = make_learner(m, stream, 0)
         opt = learner.configure_optimizers()
         learner.optimizers = lambda opt=opt: opt  # no Trainer: hand the optimizer over
+        learner._fast_update = True  # plain backward and step, as on one device
         t = timed(lambda learner=learner: learner.observe(x, y), 30 if m == "cotta" else 100)
         out[m] = t / base
         print(f"cost {NAMES[m]:7s} {1000 * t:7.2f} ms per batch = {t / base:5.1f}x forward",
