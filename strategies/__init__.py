@@ -8,10 +8,12 @@ from .joint import Joint
 from .replay import Replay
 from .stream_adapter import SegmentReset, StreamAdapter, TestTimeStreamAdapter
 from .tame import TAME
+from .tta import EATA, LAME, SAR, TENT, BNAdapt, CoTTA, Source, SourceTraining
 
 __all__ = [
     "TAME", "EmbeddingForgetting", "FamilyInContextLearner", "Finetune", "InContextLearner",
     "Joint",
     "ProbabilisticEmbeddingForgetting", "Replay", "SegmentReset", "StreamAdapter",
     "TestTimeStreamAdapter",
+    "BNAdapt", "CoTTA", "EATA", "LAME", "SAR", "Source", "SourceTraining", "TENT",
 ]

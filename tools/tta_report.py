@@ -36,8 +36,8 @@ METHODS = ("noadapt", "bn", "tent", "eata", "sar", "cotta", "lame")
 NAMES = {"noadapt": "Source", "bn": "BN-1", "tent": "TENT", "eata": "EATA", "sar": "SAR",
          "cotta": "CoTTA", "lame": "LAME"}
 VARIANTS = {"continual": {}, "mixed": {"schedule": "mixed"},
-            "correlated": {"label_shift": {"delta": 0.1}}}
-RECURRING = {"corruptions": ["fog", "contrast", "gaussian_blur"], "order": [0, 1, 2, 0, 1, 2]}
+            "correlated": {"label_shift": {"delta": 0.1, "slots": 7}}}
+RECURRING = {"corruptions": ["contrast", "brightness", "fog"], "order": [0, 1, 2, 0, 1, 2]}
 
 
 def quiet() -> None:
@@ -273,7 +273,7 @@ def write_report(results: dict[str, Any], path: Path) -> str:
                     fmt([d[k] for d in per[m]["domains"]]) for k in doms) + " |")
     rec = results.get("recurring")
     if rec:
-        lines += ["", "Recurring domains (fog, contrast, gaussian blur, twice), online error %, "
+        lines += ["", "Recurring domains (contrast, brightness, fog, twice), online error %, "
                   "detector against the true changes:", "",
                   "| learner | reset | online error | detections / true changes | mean delay "
                   "(samples) | false alarms |", "|---|---|---:|---:|---:|---:|"]
