@@ -37,6 +37,7 @@ from adaptlab.models import build_model
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
+MLP_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid)  # elementwise: stackable
 MIN_CHECK = 20  # held-out R_k items needed to re-check an expert after pruning
 
 
@@ -160,18 +161,24 @@ class ExpertPool(nn.Module):
     """Experts of one architecture, their pruning masks, and one batched forward over all.
 
     `losses(x, y)` evaluates every expert in one call: `torch.func.stack_module_state` +
-    `functional_call` under `vmap` over a stacked-parameter cache (`batched=True`), or a
-    Python loop (faster for tiny models on a CPU). The cache is refreshed slice by slice
-    after each training step and rebuilt on spawn, prune and load.
+    `functional_call` under `vmap` over a stacked-parameter cache (`batched=True`), one
+    batched matrix product per layer over stacked weights for plain MLP experts
+    (`stack=True`: Flatten, Linear and activations only; what a CPU runs fastest, a Python
+    loop over K module calls costs K times the per-call overhead), or a Python loop. The
+    caches are refreshed slice by slice after each training step and rebuilt on spawn, prune
+    and load.
     """
 
-    def __init__(self, output: str = "sigmoid", batched: bool = False) -> None:
+    def __init__(self, output: str = "sigmoid", batched: bool = False,
+                 stack: bool = False) -> None:
         super().__init__()
-        self.output, self.batched = output, batched
+        self.output, self.batched, self.stack = output, batched, stack
+        self._mlp: list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]] | None = None
         self.experts = nn.ModuleList()
         self.masks = nn.ModuleList()  # per expert: a module whose buffers are the masks
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
         self._pruned: list[bool] = []  # `pruned` on the host: read after every step
+        self._pairs: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self._base: nn.Module | None = None
         self._mode_sensitive = False
@@ -211,11 +218,60 @@ class ExpertPool(nn.Module):
         return self._mode_sensitive
 
     def masked_params(self, k: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        weights = dict(prunable_weights(self.experts[k]))
-        return [(weights[n.replace("__", ".")], m) for n, m in self.masks[k].named_buffers()]
+        """Expert k's (weight, mask) pairs; cached, since a pruned expert re-applies them
+        after every step (a module walk each time cost more than the masking)."""
+        pairs = self._pairs.get(k)
+        if pairs is None:
+            weights = dict(prunable_weights(self.experts[k]))
+            pairs = [(weights[n.replace("__", ".")], m) for n, m in self.masks[k].named_buffers()]
+            self._pairs[k] = pairs
+        return pairs
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ExpertPool:
+        self._pairs = {}  # a device or dtype move replaces the mask tensors
+        return super()._apply(fn, *args, **kwargs)
 
     def invalidate(self) -> None:
         self._stack = None
+        self._mlp = None
+
+    def stackable(self) -> bool:
+        """Plain MLP experts (Flatten first, then Linear layers and elementwise activations
+        only): what the stacked-weight forward computes."""
+        if not self.experts:
+            return False
+        e = self.experts[0]
+        mods = list(e) if isinstance(e, nn.Sequential) else []
+        body = mods[1:] if mods and isinstance(mods[0], nn.Flatten) else mods
+        return bool(body) and isinstance(body[0], nn.Linear) and all(
+            isinstance(m, (nn.Linear, *MLP_ACTIVATIONS)) for m in body)
+
+    def _mlp_plan(self) -> list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]]:
+        """Per layer of the experts: (activation or Flatten module, -, -) or (None, weights
+        transposed and stacked [K, in, out], biases [K, 1, out])."""
+        if self._mlp is None:
+            plan: list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]] = []
+            empty = torch.empty(0)
+            for i, m in enumerate(self.experts[0]):
+                if isinstance(m, nn.Linear):
+                    w = torch.stack([e[i].weight.detach().T for e in self.experts])
+                    b = torch.stack([e[i].bias.detach() for e in self.experts]).unsqueeze(1)
+                    plan.append((None, w.contiguous(), b))
+                else:
+                    plan.append((m, empty, empty))
+            self._mlp = plan
+        return self._mlp
+
+    def _stacked_logits(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for m, w, b in self._mlp_plan():
+            if m is not None:
+                h = m(h)
+            elif h.dim() == 2:  # the first layer: every expert reads the same input
+                h = torch.baddbmm(b, h.unsqueeze(0).expand(len(w), -1, -1), w)
+            else:
+                h = torch.baddbmm(b, h, w)
+        return h
 
     # -- forward ------------------------------------------------------------------------------
     def _eval_mode(self, on: bool) -> None:
@@ -239,6 +295,8 @@ class ExpertPool(nn.Module):
                 return functional_call(base, (p, b), (xx,))
 
             return torch.vmap(one, in_dims=(0, 0, None))(*self._stack, x)
+        if self.stack and len(self.experts) > 1:
+            return self._stacked_logits(x)
         self._eval_mode(True)
         try:
             return torch.stack([e(x) for e in self.experts])
@@ -265,6 +323,12 @@ class ExpertPool(nn.Module):
     @torch.no_grad()
     def sync_cache(self, k: int) -> None:
         """Copy expert k's parameters and buffers into its slice of the stacked cache."""
+        if self._mlp is not None:
+            e = self.experts[k]
+            for i, (m, w, b) in enumerate(self._mlp):
+                if m is None:
+                    w[k].copy_(e[i].weight.T)
+                    b[k, 0].copy_(e[i].bias)
         if self._stack is None:
             return
         params, buffers = self._stack
@@ -665,7 +729,8 @@ class TAME(StreamLearner):
         ewma_chain: `own` (trigger on the expert's own EWMA) or `all` ([C]'s every-batch chain).
         recognition: `first_fit` ([C]) or `min_margin` (the old expert furthest under tau).
         eval_experts: `all`, or `on_trigger` (only the active expert until it fires; `own`).
-        batched_forward: `auto` (vmap on CUDA, loop on CPU), `vmap` or `loop`.
+        batched_forward: `auto` (vmap on CUDA; on a CPU stacked weights for MLP experts, else a
+            loop), `vmap`, `stack` (MLP experts: one batched matmul per layer) or `loop`.
         selector_capacity, selector_balance (`expert`|`label`|`none`), buffer_keys
             (`content`|`random`), retrain_capacity: the buffers S and R_k (disjoint).
         share_memory: the selector fits on every stored sample (S and each R_k labelled k) and
@@ -759,7 +824,7 @@ class TAME(StreamLearner):
             "ewma_chain": (ewma_chain, ("own", "all")),
             "recognition": (recognition, ("first_fit", "min_margin")),
             "eval_experts": (eval_experts, ("all", "on_trigger")),
-            "batched_forward": (batched_forward, ("auto", "vmap", "loop")),
+            "batched_forward": (batched_forward, ("auto", "vmap", "stack", "loop")),
             "selector_balance": (selector_balance, ("expert", "label", "none")),
             "selector_output": (selector_output, ("logits", "sigmoid")),
             "selector_moments": (selector_moments, ("stream", "memory")),
@@ -883,10 +948,15 @@ class TAME(StreamLearner):
             raise ValueError(
                 f"trainer.precision: TAME supports 32 or bf16-mixed, not {precision!r} (its "
                 "loss statistics need float32 and per-expert optimizers take no grad scaler)")
-        if self.batched_forward == "auto":
-            self.pool.batched = self.device.type == "cuda"
-        else:
-            self.pool.batched = self.batched_forward == "vmap"
+        mode = self.batched_forward
+        if mode == "auto":
+            mode = "vmap" if self.device.type == "cuda" else \
+                "stack" if self.pool.stackable() else "loop"
+        if mode == "stack" and not self.pool.stackable():
+            raise ValueError("batched_forward: 'stack' needs plain MLP experts (Flatten, Linear "
+                             "and activations); use 'auto', 'vmap' or 'loop'")
+        self.pool.batched, self.pool.stack = mode == "vmap", mode == "stack"
+        self.pool.invalidate()
 
     def configure_optimizers(self) -> list:
         """None for Lightning: each expert owns its optimizer, created at spawn."""
@@ -929,6 +999,10 @@ class TAME(StreamLearner):
             one = grad.detach()
             if only is None and len(pool) > 1:
                 with torch.no_grad():
+                    if pool.stack:  # all at once; the active row from its own forward
+                        out = pool.logits_all(x)
+                        out[active] = one
+                        return out, grad
                     rows = [one if k == active else e(x) for k, e in enumerate(pool.experts)]
                 return torch.stack(rows), grad
         if len(pool) == 1:

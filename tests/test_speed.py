@@ -143,3 +143,99 @@ def test_detector_counters_survive_a_checkpoint_and_old_checkpoints_load() -> No
     assert torch.equal(fresh.tau, det.tau) and torch.equal(fresh._entries(1), det._entries(1))
     with pytest.raises(RuntimeError, match="Missing key"):
         ShiftDetector(window=5).load_state_dict({k: v for k, v in sd.items() if k != "steps"})
+
+
+# --------------------------------------------------------------------------- TAME
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread, as the configs run: bit-equality is asked of one thread's arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tame_run(tmp_path, batches_per_step: int, **kw):
+    """TAME on a short Split-Digits stream (5 segments, shifts found) through Lightning,
+    without evaluation work."""
+    import pytorch_lightning as pl
+
+    from adaptlab.data import StreamDataModule
+    from adaptlab.strategies import TAME
+    from adaptlab.streams import split
+    from tests.helpers import learner_kwargs
+
+    st = split(source="digits", labels="local", batch_size=10, repeats=4,
+               max_samples_per_segment=200, seed=0)
+    learner = TAME(**learner_kwargs(
+        st, backbone="mlp", backbone_args={"hidden": [32]}, lr=0.1, expert_output="sigmoid",
+        test="threshold", window=30, grace_steps=10, selector_capacity=120,
+        retrain_capacity=10, prune_when="off",
+        selector_schedule="end", seed=0, **kw))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0,
+                         enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(learner, datamodule=StreamDataModule(st, batches_per_step=batches_per_step))
+    return learner
+
+
+def _same_state(a, b, moments_exact: bool = True) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        if name.startswith("moments.") and not moments_exact:
+            assert torch.allclose(sa[name], sb[name], rtol=1e-12, atol=1e-9), name
+        else:  # bit-equal (NaN where NaN)
+            torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, equal_nan=True,
+                                       msg=name)
+    assert a.events == b.events and a.active_history == b.active_history
+    assert a.history == b.history
+
+
+def test_tame_chunked_offers_and_reused_forward_change_nothing(tmp_path, monkeypatch) -> None:
+    """Offers batched over 25-batch chunks == offered batch by batch (chunks of 1); the
+    active expert's evaluation forward reused for training == a second forward."""
+    from adaptlab.strategies.tame import ExpertPool
+
+    chunked = _tame_run(tmp_path / "a", 25)
+    assert chunked.n_experts >= 3 and len(chunked.selector_buffer) > 0
+    single = _tame_run(tmp_path / "b", 1)
+    _same_state(chunked, single, moments_exact=False)  # moments: merged per chunk
+    looped = _tame_run(tmp_path / "c", 25, batched_forward="loop")
+    monkeypatch.setattr(ExpertPool, "mode_sensitive", lambda self: True)  # no reuse
+    twice = _tame_run(tmp_path / "d", 25, batched_forward="loop")
+    _same_state(looped, twice)
+    # the stacked forward serves the other experts; the active expert's loss and every
+    # update come from its own forward, so the runs take the same decisions
+    assert looped.events == chunked.events
+
+
+@pytest.mark.parametrize("mode", ["stack", "loop"])
+def test_stacked_mlp_forward_agrees_with_the_loop_and_follows_training(mode) -> None:
+    from adaptlab.models import build_model
+    from adaptlab.strategies.tame import ExpertPool
+
+    pools = [ExpertPool(stack=True), ExpertPool()]
+    for seed in range(4):
+        torch.manual_seed(seed)
+        e = build_model("mlp", (1, 8, 8), 10, hidden=[32, 16])
+        for pool in pools:
+            pool.add(copy.deepcopy(e))
+    assert pools[0].stackable()
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    first = [pool.logits_all(x) for pool in pools]
+    assert torch.allclose(first[0], first[1], atol=1e-5)
+    for pool in pools:  # train expert 2, prune it gradually: the stacked slice follows
+        e = pool.experts[2]
+        opt = torch.optim.SGD(e.parameters(), lr=0.5)
+        torch.nn.functional.cross_entropy(e(x), y).backward()
+        opt.step()
+        pool.sync_cache(2)
+        pool.set_sparsity(2, 0.5, opt)
+    after = [pool.logits_all(x) for pool in pools]
+    assert torch.allclose(after[0], after[1], atol=1e-5)
+    assert not torch.allclose(after[0][2], first[0][2])
+    assert torch.equal(after[0][0], first[0][0])
