@@ -1,6 +1,6 @@
 """`ShiftDetector`: loss-statistics shift detection, one channel per expert or signal.
 
-The rule (TAME, Zhu et al. 2022; spec `tame.md` §2), per channel k:
+The rule (TAME, Zhu et al. 2022; `docs/methods/tame.md`), per channel k:
 
     window_k  = the last W pre-update losses of k, seeded with [ln C] (CE of a uniform output)
     tau_k     = mean(window_k) + n_sigma * max(std(window_k), sigma_floor)    (population std)

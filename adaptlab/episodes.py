@@ -66,7 +66,7 @@ class EpisodeLoader:
 
 
 class EpisodeDataModule(pl.LightningDataModule):
-    """Episodes of fresh tasks from `streams.icl` families (spec `stream_adapter.md` §4–§5).
+    """Episodes of fresh tasks from `streams.icl` families (`docs/methods/stream_adapter.md`).
 
     Args:
         families: which families (default the seven of `FAMILIES`; `POOL` holds the

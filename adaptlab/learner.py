@@ -1,6 +1,6 @@
 """`StreamLearner`: the LightningModule base whose unit of work is `observe(x, y)`.
 
-Contract (DESIGN.md, "Core contracts"):
+Contract (`docs/architecture.md`, "Contracts a learner implements"):
 - `observe(x, y) -> (logits, loss)` on one mini-batch, test-then-train: the logits are the
   pre-update predictions, both detached; every backward through `manual_backward`.
 - `training_step` only splits a chunk into mini-batches, calls `observe` on each and returns
@@ -100,6 +100,12 @@ class StreamLearner(pl.LightningModule):
         self._local_batch = batch_size
 
     # -- building blocks for subclasses -------------------------------------------------------
+    @property
+    def host_trainer(self) -> pl.Trainer | None:
+        """The Trainer running this learner, or None (plain Python, or inside the Avalanche
+        bridge's Fabric), where `self.trainer` would raise or give Fabric's shim."""
+        return attached_trainer(self)
+
     def build_backbone(self, index: int = 0, n_classes: int | None = None) -> nn.Module:
         """A fresh backbone, initialised from (seed, index) without touching global RNGs."""
         with seeded(self.seed * 1_000_003 + index):
@@ -141,7 +147,7 @@ class StreamLearner(pl.LightningModule):
                 self._count_step()
         else:
             self.manual_backward(loss)
-            trainer = attached_trainer(self)
+            trainer = self.host_trainer
             sync = getattr(trainer.strategy, "sync_grads", None) if trainer else None
             if sync is not None:
                 sync([p for group in optimizer.param_groups for p in group["params"]], n)
@@ -160,7 +166,7 @@ class StreamLearner(pl.LightningModule):
     def _count_step(self) -> None:
         """Count an update of an optimizer Lightning does not manage (e.g. created at run
         time) toward `global_step`, so step-based checkpointing works for every learner."""
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         if trainer is not None:
             count_optimizer_step(trainer)
 
@@ -171,7 +177,7 @@ class StreamLearner(pl.LightningModule):
         from pytorch_lightning.strategies import SingleDeviceStrategy
         from pytorch_lightning.utilities.model_helpers import is_overridden
 
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         if trainer is None or not self.fast_update:
             return False
         precision = trainer.precision_plugin
@@ -248,7 +254,7 @@ class StreamLearner(pl.LightningModule):
         """What counts toward model size (default: the whole learner)."""
         return [self]
 
-    def summary_metrics(
+    def learner_summary(
         self, segments: Sequence[int], test_set: TestSet, events: metrics.OnlineEvents
     ) -> dict[str, Any]:
         """This learner's own end-of-run metrics, `final.learner` in `metrics.json`
@@ -339,7 +345,7 @@ class StreamLearner(pl.LightningModule):
     def global_mean(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """`t` (a mean over this process's `n` samples) as the mean over the whole
         mini-batch under data parallelism; unchanged in one process."""
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         strategy = trainer.strategy if trainer is not None else None
         fn = getattr(strategy, "weighted_mean", None)
         return t if fn is None else fn(t, n)
@@ -347,7 +353,7 @@ class StreamLearner(pl.LightningModule):
     def gather_batch(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The whole mini-batch on every process (for state every rank must hold alike, such
         as memories); unchanged in one process."""
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         strategy = trainer.strategy if trainer is not None else None
         fn = getattr(strategy, "gather_batch", None)
         return tensors if fn is None else tuple(fn(t) for t in tensors)
@@ -355,7 +361,7 @@ class StreamLearner(pl.LightningModule):
     def local_share(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This process's contiguous part of tensors every process holds alike (the inverse
         of `gather_batch`); unchanged in one process."""
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         if trainer is None or trainer.world_size == 1:
             return tensors
         world, rank = trainer.world_size, trainer.global_rank
@@ -364,7 +370,7 @@ class StreamLearner(pl.LightningModule):
     def _global_sizes(self, local: list[int]) -> list[int]:
         """Mini-batch sizes over all processes (under DDP each holds a share of a batch), so
         `batch_position` counts stream samples: what task-free detectors report against."""
-        trainer = attached_trainer(self)
+        trainer = self.host_trainer
         if trainer is None or trainer.world_size == 1:
             return local
         total = trainer.strategy.all_sum(torch.tensor(local, device=self.device))

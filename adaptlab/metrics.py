@@ -1,4 +1,4 @@
-"""Metric definitions (spec: ``shared/specs/metrics.md``).
+"""Metric definitions (their page: ``docs/metrics.md``, generated from ``DEFINITIONS``).
 
 Pure functions: numpy arrays in, Python floats / lists / dicts out. No torch or Lightning
 at import time (only :func:`params_total` / :func:`params_nonzero` import torch, lazily),

@@ -1,4 +1,4 @@
-"""Forgetting regimes: reset the token embeddings on a schedule (spec `forgetting.md`).
+"""Forgetting regimes: reset the token embeddings on a schedule (`docs/methods/forgetting.md`).
 
 - **active** (Chen et al. 2023): reset every k optimizer steps, for the whole run;
 - **temporary** (Anand et al. 2024): reset at k, 2k, … < N, then train normally — the model

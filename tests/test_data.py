@@ -66,11 +66,9 @@ def test_relabelled_segments_leave_the_learner_bit_identical(tmp_path):
         states.append(learner.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    per0 = evs[0].final_metrics  # evaluator numbers do depend on the segment ids
-    on0 = {k: v for k, v in json.load(open(os.path.join(evs[0].trainer_log_dir,
-                                                         "metrics.json")))["per_segment"].items()}
+    # the evaluator's numbers do depend on the segment ids
+    on0 = json.load(open(os.path.join(evs[0].trainer_log_dir, "metrics.json")))["per_segment"]
     on1 = json.load(open(os.path.join(evs[1].trainer_log_dir, "metrics.json")))["per_segment"]
-    assert per0 is not None
     assert [v["acc_online"] for v in on0.values()] != [v["acc_online"] for v in on1.values()]
 
 

@@ -1,4 +1,4 @@
-"""The Avalanche 0.6 bridge (spec `avalanche.md`): the only package that imports Avalanche.
+"""The Avalanche 0.6 bridge (README, "Avalanche"): the only package that imports Avalanche.
 
 - `strategy`: `StreamLearnerStrategy` runs any adaptlab `StreamLearner` as a
   `SupervisedTemplate`: one Avalanche training iteration is one `observe(x, y)`; experience

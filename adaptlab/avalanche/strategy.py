@@ -101,7 +101,7 @@ class _TensorBatches:
 
 
 class StreamLearnerStrategy(SupervisedTemplate):
-    """Any adaptlab `StreamLearner` as an Avalanche strategy (spec `avalanche.md` §3–§4).
+    """Any adaptlab `StreamLearner` as an Avalanche strategy.
 
     One training iteration is one `observe(x, y)`; `mb_output` holds its pre-update logits,
     so Avalanche's train accuracy is online accuracy. The learner is hosted in a Lightning

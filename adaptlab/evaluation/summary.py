@@ -44,7 +44,7 @@ def summarize(
                               [], False, dict.fromkeys(metrics.EXPERT_METRICS))
     sized = model.model_size_modules()
     total, nonzero = metrics.params_total(sized), metrics.params_nonzero(sized)
-    learner_metrics = (model.summary_metrics(segments, test_set, events) if with_metrics
+    learner_metrics = (model.learner_summary(segments, test_set, events) if with_metrics
                        else dict.fromkeys(metrics.EXPERT_METRICS))
     active = model.expert_ids()
     if active is not None:
