@@ -2,9 +2,9 @@
 
 ``corrupt(x, name, severity, seed=..., keys=..., segment=...)`` applies one corruption of
 Hendrycks & Dietterich (2019) at severity 1-5 to a batch ``(N, C, H, W)`` of float images in
-[0, 1] (C in {1, 3}, H, W >= 8), with the constants of the CIFAR-10-C generator (spec:
-``specs/streams.md`` §3). Everything runs as batched torch ops on ``x``'s device; only
-JPEG goes through ``torchvision.io`` one image at a time.
+[0, 1] (C in {1, 3}, H, W >= 8), with the constants of the CIFAR-10-C generator
+(``make_cifar_c.py``). Everything runs as batched torch ops on ``x``'s device; only JPEG goes
+through ``torchvision.io`` one image at a time.
 
 Randomness is counter-based: every random number is a fixed integer hash of
 ``(seed, segment, corruption purpose code, keys[i], stream, element index)``. A sample's noise
