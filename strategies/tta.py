@@ -457,6 +457,10 @@ class Source(TTALearner):
 
     adapts = False
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         use_test_statistics(model, alpha=0.0)  # the training statistics, in any mode
         return model.requires_grad_(False)
@@ -555,7 +559,6 @@ class EATA(TENT):
         for i, name in enumerate(self._fisher_names):
             self.register_buffer(f"fisher_{i}", fisher[name])
             self.register_buffer(f"anchor_{i}", params[name].detach().clone())
-        self.selected: list[int] = []
 
     def _fisher(self, n: int) -> dict[str, torch.Tensor]:
         sample = self.source_info.get("sample")
@@ -601,7 +604,6 @@ class EATA(TENT):
     def adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         idx, ent = self.select(logits)
-        self.selected.append(len(idx))
         weight = torch.exp(-(ent.detach() - self.e0))
         loss = (ent * weight).mean() if len(idx) else logits.sum() * 0.0
         if self._fisher_names:
