@@ -30,6 +30,7 @@ from adaptlab.detect import ShiftDetector
 from adaptlab.episodes import EpisodeDataModule
 from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner
+from adaptlab.oracle import SegmentChange
 from adaptlab.streams.core import Purpose, rng
 from adaptlab.streams.icl import UNSEEN, FamilyVocab, value_dim
 
@@ -489,7 +490,7 @@ class SegmentReset(pl.Callback):
     """
 
     def __init__(self) -> None:
-        self.last: int | None = None
+        self.change = SegmentChange()  # the core segment-change oracle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, TestTimeStreamAdapter) or pl_module.reset_on != "segment":
@@ -498,15 +499,12 @@ class SegmentReset(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        meta = trainer.datamodule.batch_meta()
-        seg = int(meta["segment_ids"][0])
-        if self.last is not None and seg != self.last:
+        if self.change.update_from(trainer.datamodule):
             pl_module.reset_state(1)
-            pl_module.resets.append(int(meta["start"]))
-        self.last = int(meta["segment_ids"][-1])
+            pl_module.resets.append(int(trainer.datamodule.batch_meta()["start"]))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last": self.last}
+        return self.change.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last = state.get("last")
+        self.change.load_state_dict(state)
