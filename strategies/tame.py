@@ -106,19 +106,27 @@ def _fit(
     momentum: float, weight_decay: float, batch_size: int, output: str, gen: torch.Generator,
     milestones: Sequence[int] = (), gamma: float = 0.1,
     masks: Sequence[tuple[nn.Parameter, torch.Tensor]] = (),
+    patience: int | None = None, tol: float = 1e-3,
 ) -> float:
     """Plain supervised training (selector fits, expert retraining); masked weights stay
-    zero. Returns the training accuracy afterwards."""
+    zero. Returns the training accuracy afterwards.
+
+    `patience` bounds the work: once the epoch's mean training loss has not improved by a
+    relative `tol` for `patience` epochs, the LR moves on to the next milestone at once (the
+    plateau the schedule waits out), and at the last one training stops; `epochs` stays the
+    upper bound. None runs every epoch of the fixed schedule."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                           weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma) if milestones \
-        else None
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma) \
+        if milestones and patience is None else None
+    level, best, since = 0, math.inf, 0  # `patience`: milestones passed, plateau tracking
     n = len(y)
     was = model.training
     model.train()
     with torch.enable_grad():
-        for _ in range(epochs):
+        for epoch in range(epochs):
             perm = torch.randperm(n, generator=gen).to(x.device)
+            total = torch.zeros((), device=x.device)
             for s in range(0, n, batch_size):
                 idx = perm[s : s + batch_size]
                 loss = classification_loss(model(x[idx]), y[idx], output)
@@ -131,8 +139,26 @@ def _fit(
                 with torch.no_grad():
                     for p, m in masks:
                         p.mul_(m)
+                    if patience is not None:
+                        total += loss.detach() * len(idx)
             if sched is not None:
                 sched.step()
+            if patience is None or not n:
+                continue
+            mean = float(total) / n  # one host read per epoch
+            if mean < best * (1 - tol):
+                best, since = mean, 0
+            else:
+                since += 1
+            natural = sum(epoch + 1 >= m for m in milestones)
+            if since >= patience:
+                if level >= len(milestones):
+                    break  # converged at the last LR
+                level, best, since = max(level + 1, natural), math.inf, 0
+            elif natural > level:
+                level, best, since = natural, math.inf, 0
+            for group in opt.param_groups:
+                group["lr"] = lr * gamma**level
     model.eval()
     with torch.no_grad():
         acc = float((model(x).argmax(-1) == y).float().mean()) if n else math.nan
@@ -756,6 +782,10 @@ class TAME(StreamLearner):
         prune_tolerance: `end`/`on_spawn` pruning re-checks the retrained expert on a held-out
             quarter of R_k and backs off (prunes less, or not at all) while it loses more than
             this accuracy against the dense expert; None skips the check.
+        fit_patience, fit_tol: bound the evaluation-time training (selector fits, retraining):
+            when the epoch's mean loss has not improved by a relative `fit_tol` for
+            `fit_patience` epochs, the LR takes its next milestone at once, and after the last
+            one training stops (`_fit`); None runs every epoch.
         log_every: observe steps between TensorBoard scalars (events are always logged).
     """
 
@@ -814,6 +844,8 @@ class TAME(StreamLearner):
         retrain_gamma: float = 0.1,
         retrain_batch_size: int = 128,
         selector_retrain_lr: float = 1e-3,
+        fit_patience: int | None = 5,
+        fit_tol: float = 0.01,
         log_every: int = 50,
         **kwargs: Any,
     ) -> None:
@@ -839,6 +871,8 @@ class TAME(StreamLearner):
         if eval_experts == "on_trigger" and ewma_chain != "own":
             raise ValueError("eval_experts: 'on_trigger' needs ewma_chain 'own' (the 'all' chain "
                              "advances every expert on every batch)")
+        if fit_patience is not None and fit_patience < 1:
+            raise ValueError(f"fit_patience: must be >= 1 or null, got {fit_patience!r}")
         if prune_steps < 1 or prune_every < 1:
             raise ValueError(f"prune_steps, prune_every: must be >= 1, got {prune_steps!r}, "
                              f"{prune_every!r}")
@@ -856,6 +890,7 @@ class TAME(StreamLearner):
         self.selector_fit_args = {
             "lr": selector_lr, "momentum": selector_momentum,
             "weight_decay": selector_weight_decay, "batch_size": selector_batch_size,
+            "patience": fit_patience, "tol": fit_tol,
         }
         self.selector_epochs = selector_epochs
         self.selector_schedule, self.selector_refresh = selector_schedule, selector_refresh
@@ -869,6 +904,7 @@ class TAME(StreamLearner):
             "momentum": 0.9,
             "weight_decay": retrain_weight_decay, "batch_size": retrain_batch_size,
             "gamma": retrain_gamma, "milestones": list(retrain_milestones),
+            "patience": fit_patience, "tol": fit_tol,
         }
         self.selector_retrain_lr = selector_retrain_lr
         self.log_every = log_every

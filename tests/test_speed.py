@@ -239,3 +239,28 @@ def test_stacked_mlp_forward_agrees_with_the_loop_and_follows_training(mode) -> 
     assert torch.allclose(after[0], after[1], atol=1e-5)
     assert not torch.allclose(after[0][2], first[0][2])
     assert torch.equal(after[0][0], first[0][0])
+
+
+@pytest.mark.parametrize("patience", [None, 3])
+def test_fit_patience_bounds_the_epochs(patience) -> None:
+    """Evaluation-time training: a converged loss takes the next LR milestone at once and
+    stops after the last; without patience every epoch of the schedule runs."""
+    from adaptlab.models import build_model
+    from adaptlab.strategies.tame import _fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = (x.flatten(1)[:, :5].sum(1) > 0).long()
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 2, hidden=[16])
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    acc = _fit(model, x, y, epochs=200, lr=0.1, momentum=0.9, weight_decay=0.01, batch_size=32,
+               output="logits", gen=torch.Generator().manual_seed(1), milestones=(100, 150),
+               patience=patience, tol=0.01)
+    epochs = (len(calls) - 1) // 2  # two batches per epoch, one final evaluation forward
+    assert acc == 1.0
+    if patience is None:
+        assert epochs == 200
+    else:
+        assert 3 * patience <= epochs < 100  # three plateaus: two milestones, then the stop
