@@ -570,8 +570,10 @@ def test_bridge_equals_native(name, tmp_path):
     matrices, and the same final metrics, natively and inside Avalanche's loop."""
     from adaptlab import strategies
 
+    # TAME needs segments long enough for its detector to fire; Replay needs no more than 120
+    size = {"Replay": {"max_samples_per_segment": 120}, "TAME": {"repeats": 3}}[name]
     stream = split(source="digits", classes_per_segment=2, labels="local", batch_size=10,
-                   test_samples_per_segment=60, repeats=3)
+                   test_samples_per_segment=60, **size)
     kwargs = {"Replay": {"memory_size": 100},
               "TAME": {"lr": 0.1, "expert_output": "sigmoid", "test": "threshold",
                        "window": 50, "grace_steps": 10, "selector_capacity": 100,
