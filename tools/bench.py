@@ -11,14 +11,26 @@ StreamEvaluator recording online accuracy on every chunk (boundary evaluations o
     python tools/bench.py                      # MLP and LeNet, batch 10 and 128, CPU
     python tools/bench.py --device cuda        # the same on the GPU (tools/gpu_check.sh)
     python tools/bench.py --quick              # MLP, batch 10 only
+    python tools/bench.py --whole-runs         # also every committed digits config end to end
+
+The whole-run table runs each `configs/*/*digits*.yaml` as `adaptlab fit` in a fresh process
+(interpreter start and imports included, as a user sees it; logs in a temporary folder) and
+reports its wall time with its `acc_final` and `acc_online` from `metrics.json`; configs run in
+interleaved rounds and keep their best time.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import json
 import logging
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -183,6 +195,46 @@ def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Cal
     return out
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def whole_run(config: str, log_dir: str) -> tuple[float, dict | None]:
+    """Wall seconds of `adaptlab fit --config config` in a fresh process, and its
+    metrics.json `final` block (None when the run failed)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "adaptlab")
+    cmd = [exe, "fit", "--config", config, "--trainer.logger.init_args.save_dir", log_dir,
+           "--trainer.enable_progress_bar", "false"]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    secs = time.perf_counter() - t
+    paths = glob.glob(os.path.join(log_dir, "**", "metrics.json"), recursive=True)
+    if done.returncode or not paths:
+        return secs, None
+    with open(paths[0]) as f:
+        return secs, json.load(f)["final"]
+
+
+def whole_runs(pattern: str, rounds: int) -> None:
+    """The whole-run table: every committed digits config end to end."""
+    configs = sorted(os.path.relpath(c, ROOT) for c in glob.glob(os.path.join(ROOT, pattern)))
+    best: dict[str, tuple[float, dict | None]] = {}
+    with tempfile.TemporaryDirectory(prefix="adaptlab_whole_") as tmp:
+        for r in range(rounds):
+            for i, config in enumerate(configs):
+                secs, final = whole_run(config, os.path.join(tmp, f"{r}_{i}"))
+                if config not in best or (final is not None and secs < best[config][0]):
+                    best[config] = (secs, final)
+    print(f"\nWhole runs (`adaptlab fit`, fresh process each, best of {rounds}):\n")
+    print("| config | wall s | acc_final | acc_online |\n|---|---:|---:|---:|")
+    for config, (secs, final) in best.items():
+        if final is None:
+            print(f"| `{config}` | failed | — | — |")
+            continue
+        acc, online = final.get("acc_final"), final.get("acc_online")
+        print(f"| `{config}` | {secs:.1f} | {acc:.4f} | "
+              f"{'—' if online is None else f'{online:.4f}'} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20, help="passes per segment")
@@ -193,7 +245,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best is kept")
     ap.add_argument("--quick", action="store_true", help="MLP, batch 10 only")
+    ap.add_argument("--whole-runs", action="store_true",
+                    help="also time every committed digits config end to end")
+    ap.add_argument("--whole-only", action="store_true", help="only the whole-run table")
+    ap.add_argument("--whole-rounds", type=int, default=1)
+    ap.add_argument("--configs", default="configs/*/*digits*.yaml",
+                    help="glob of the whole-run configs (relative to the repository)")
     args = ap.parse_args()
+    if args.whole_only:
+        whole_runs(args.configs, args.whole_rounds)
+        return
     if args.quick:
         args.batch_sizes, args.backbones = [10], ["mlp"]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -227,6 +288,8 @@ def main() -> None:
                 rate = len(st) / secs
                 print(f"| {backbone} | {b} | {name} | {rate:,.0f} | {rate / base:.2f} |",
                       flush=True)
+    if args.whole_runs:
+        whole_runs(args.configs, args.whole_rounds)
 
 
 if __name__ == "__main__":
