@@ -167,7 +167,7 @@ class ShiftDetector(nn.Module):
 
     def _entries(self, k: int) -> torch.Tensor:
         """Channel k's window in arrival order (oldest first)."""
-        return self.window[k, self._slots(k)]
+        return self.window[k].index_select(0, self._slots(k))
 
     def refresh_threshold(self, k: int) -> None:
         """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std; `chart`:

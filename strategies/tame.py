@@ -200,6 +200,7 @@ class ExpertPool(nn.Module):
         super().__init__()
         self.output, self.batched, self.stack = output, batched, stack
         self._mlp: list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]] | None = None
+        self._mlp_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.experts = nn.ModuleList()
         self.masks = nn.ModuleList()  # per expert: a module whose buffers are the masks
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
@@ -255,11 +256,13 @@ class ExpertPool(nn.Module):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> ExpertPool:
         self._pairs = {}  # a device or dtype move replaces the mask tensors
+        self.invalidate()  # ... and the parameters' storage
         return super()._apply(fn, *args, **kwargs)
 
     def invalidate(self) -> None:
         self._stack = None
         self._mlp = None
+        self._mlp_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def stackable(self) -> bool:
         """Plain MLP experts (Flatten first, then Linear layers and elementwise activations
@@ -350,11 +353,16 @@ class ExpertPool(nn.Module):
     def sync_cache(self, k: int) -> None:
         """Copy expert k's parameters and buffers into its slice of the stacked cache."""
         if self._mlp is not None:
-            e = self.experts[k]
-            for i, (m, w, b) in enumerate(self._mlp):
-                if m is None:
-                    w[k].copy_(e[i].weight.T)
-                    b[k, 0].copy_(e[i].bias)
+            pairs = self._mlp_views.get(k)
+            if pairs is None:  # (cache slices, expert k's tensors): views, kept until rebuilt
+                e = self.experts[k]
+                pairs = ([], [])
+                for i, (m, w, b) in enumerate(self._mlp):
+                    if m is None:
+                        pairs[0].extend([w[k], b[k, 0]])
+                        pairs[1].extend([e[i].weight.detach().T, e[i].bias.detach()])
+                self._mlp_views[k] = pairs
+            torch._foreach_copy_(*pairs)
         if self._stack is None:
             return
         params, buffers = self._stack
