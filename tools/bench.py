@@ -214,9 +214,10 @@ def whole_run(config: str, log_dir: str) -> tuple[float, dict | None]:
         return secs, json.load(f)["final"]
 
 
-def whole_runs(pattern: str, rounds: int) -> None:
+def whole_runs(patterns: list[str], rounds: int) -> None:
     """The whole-run table: every committed digits config end to end."""
-    configs = sorted(os.path.relpath(c, ROOT) for c in glob.glob(os.path.join(ROOT, pattern)))
+    configs = sorted({os.path.relpath(c, ROOT) for p in patterns
+                      for c in glob.glob(os.path.join(ROOT, p))})
     best: dict[str, tuple[float, dict | None]] = {}
     with tempfile.TemporaryDirectory(prefix="adaptlab_whole_") as tmp:
         for r in range(rounds):
@@ -249,8 +250,8 @@ def main() -> None:
                     help="also time every committed digits config end to end")
     ap.add_argument("--whole-only", action="store_true", help="only the whole-run table")
     ap.add_argument("--whole-rounds", type=int, default=1)
-    ap.add_argument("--configs", default="configs/*/*digits*.yaml",
-                    help="glob of the whole-run configs (relative to the repository)")
+    ap.add_argument("--configs", nargs="+", default=["configs/*/*digits*.yaml"],
+                    help="globs of the whole-run configs (relative to the repository)")
     args = ap.parse_args()
     if args.whole_only:
         whole_runs(args.configs, args.whole_rounds)
