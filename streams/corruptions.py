@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
@@ -316,6 +317,29 @@ def _defocus_blur(x: torch.Tensor, c: tuple[float, float], rng: _CounterRNG) -> 
     return _filter(x, _disk_kernel(*c), "reflect")
 
 
+def _clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The benchmark's ``clipped_zoom``: the centre ``ceil(H / factor)`` square, zoomed by
+    linear interpolation to ``round(side * factor)`` pixels (scipy's ``zoom(order=1)``, which
+    maps corner to corner: ``align_corners=True``), then its centre ``H x W`` kept."""
+    h, w = x.shape[2:]
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    crop = x[:, :, top : top + ch, left : left + cw]
+    size = (round(ch * factor), round(cw * factor))
+    zoomed = crop if size == (ch, cw) else F.interpolate(
+        crop.to(torch.float64), size=size, mode="bilinear", align_corners=True).to(x.dtype)
+    th, tw = (size[0] - h) // 2, (size[1] - w) // 2
+    return zoomed[:, :, th : th + h, tw : tw + w]
+
+
+def _zoom_blur(x: torch.Tensor, factors: tuple[float, ...], rng: _CounterRNG) -> torch.Tensor:
+    """Mean of the image and its zooms by each factor (no randomness)."""
+    out = x.clone()
+    for f in factors:
+        out = out + _clipped_zoom(x, f)
+    return out / (len(factors) + 1)
+
+
 def _contrast(x: torch.Tensor, c: float, rng: _CounterRNG) -> torch.Tensor:
     mean = x.mean((2, 3), keepdim=True)
     return (x - mean) * c + mean
@@ -393,6 +417,9 @@ _REGISTRY: dict[str, _Spec] = {
     "speckle_noise": _Spec(_speckle_noise, (0.06, 0.10, 0.12, 0.16, 0.20), 10),
     "gaussian_blur": _Spec(_gaussian_blur, (0.4, 0.6, 0.7, 0.8, 1.0), 11),
     "saturate": _Spec(_saturate, ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)), 12),
+    # the benchmark's np.arange(1, end, 0.01) to the bit: its float steps decide output sizes
+    "zoom_blur": _Spec(_zoom_blur, tuple(tuple(float(v) for v in np.arange(1, end, 0.01))
+                                         for end in (1.06, 1.11, 1.16, 1.21, 1.26)), 13),
 }
 
 #: CIFAR-10-C's benchmark order, restricted to the corruptions generated here.
@@ -401,6 +428,7 @@ DEFAULT_ORDER: tuple[str, ...] = (
     "shot_noise",
     "impulse_noise",
     "defocus_blur",
+    "zoom_blur",
     "fog",
     "brightness",
     "contrast",
