@@ -805,6 +805,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     protocol: list[dict[str, Curve]] = []
     for exp in exports:
         ks = sweep_ks(exp.window, args.quick)
+        if args.baselines:  # the protocol table's k ∈ {4, W, 4W, 16W}, also with --quick
+            ks = sorted({*ks, 4, exp.window, 4 * exp.window, 16 * exp.window})
         all_ks.update(ks)
         a0[exp.path] = check_a0(exp, args.seed, args.device)
         extra = None
