@@ -21,7 +21,7 @@ references to it, so a new `Parameter` would silently detach them.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from adaptlab.detect import ShiftDetector
-from adaptlab.oracle import SegmentChange
+from adaptlab.oracle import SegmentChange, segment_span
 
 REGIMES = ("none", "active", "temporary")
 INITS = ("init_std", "module_default", "matched")
@@ -308,6 +308,15 @@ def _log(trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
         trainer.logger.log_metrics(values, step=step)
 
 
+LogFn = Callable[[dict[str, float], int], None]
+"""`log(values, step)`: where a regime's scalars go (a Trainer's logger, Avalanche's
+evaluation plugin)."""
+
+
+def _log_fn(trainer: pl.Trainer) -> LogFn:
+    return lambda values, step: _log(trainer, values, step)
+
+
 class EmbeddingForgetting(pl.Callback):
     """Reset the token embeddings under a regime (`none` / `active` / `temporary`).
 
@@ -405,43 +414,54 @@ class EmbeddingForgetting(pl.Callback):
                              batch: Any, batch_idx: int) -> None:
         step = _step(trainer, pl_module)
         if self.core.rearm_on == "segment":
-            self._check_segment(trainer, step)
+            span = segment_span(getattr(trainer, "datamodule", None))
+            self.check_segment(step, None if span is None else span[0], _log_fn(trainer))
         if self._hooked_module is not pl_module:  # else the observe hook applies it
             self._before_step(trainer, step)
 
     def _before_step(self, trainer: pl.Trainer, step: int) -> None:
+        self.apply_due(step, trainer.optimizers[0] if trainer.optimizers else None,
+                       _log_fn(trainer))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.detector is None:
+            return
+        loss = getattr(pl_module, "last_loss", None)
+        if loss is None and isinstance(outputs, dict):
+            loss = outputs.get("loss")
+        self.observe_loss(_step(trainer, pl_module), loss, _log_fn(trainer))
+
+    # -- the regime without a Trainer (the hooks above and the Avalanche plugin call these) ---
+    def apply_due(self, step: int, optimizer: Any | None, log: LogFn) -> None:
         """Apply the reset due at `step` (before the forward pass) and the episode lr."""
         due = self.core.pending(step)
-        opt = trainer.optimizers[0] if trainer.optimizers else None
         if due is not None:
-            norms = self.core.reset(due, opt)
+            norms = self.core.reset(due, optimizer)
             if self.detector is not None and self.detector.n_channels:
                 self.detector.reset_channel(0)
-            _log(trainer, {"forgetting/reset": 1.0,
-                           "forgetting/emb_norm_before_reset": norms["emb_norm_before"]}, step)
-            self._log_norms(trainer, step)
+            log({"forgetting/reset": 1.0,
+                 "forgetting/emb_norm_before_reset": norms["emb_norm_before"]}, step)
+            self._log_norms(log, step)
         elif self.log_every and step % self.log_every == 0 and step != self._last_norm_log:
-            self._log_norms(trainer, step)
-        if self.core.emb_lr_schedule == "episode" and opt is not None:
-            group = _group_of(_raw_optimizer(opt), self.core.emb.weight)
+            self._log_norms(log, step)
+        if self.core.emb_lr_schedule == "episode" and optimizer is not None:
+            group = _group_of(_raw_optimizer(optimizer), self.core.emb.weight)
             factor = self.core.episode_factor(step)
             if group.get("managed_lr"):
                 group["lr_factor"] = factor  # the learner multiplies it in before each update
             else:
                 group["lr"] = group.setdefault("forgetting_base_lr", group["lr"]) * factor
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def observe_loss(self, step: int, loss: torch.Tensor | None, log: LogFn) -> None:
+        """Feed step `step`'s training loss to the detector (`rearm_on: detected`); a firing
+        re-arms the schedule. Losses within `detector_cooldown` steps of a reset are not fed."""
         if self.detector is None:
             return
-        step = _step(trainer, pl_module)
         last = max(self.core.reset_steps, default=-10**9)
         if step - last < self.detector_cooldown:
             self._restart_detector = True
             return
-        loss = getattr(pl_module, "last_loss", None)
-        if loss is None and isinstance(outputs, dict):
-            loss = outputs.get("loss")
         if loss is None:
             return
         if self._restart_detector and self.detector.n_channels:
@@ -450,15 +470,17 @@ class EmbeddingForgetting(pl.Callback):
         self._restart_detector = False
         if self.detector.update(loss.detach().float().cpu()):
             self.core.rearm(step)
-            _log(trainer, {"forgetting/rearm": 1.0}, step)
+            log({"forgetting/rearm": 1.0}, step)
 
-    def _check_segment(self, trainer: pl.Trainer, step: int) -> None:
-        if self._segment.update_from(getattr(trainer, "datamodule", None), remember="first"):
+    def check_segment(self, step: int, segment: int | None, log: LogFn) -> None:
+        """`rearm_on: segment` (an oracle): re-arm when the true segment of the chunk's first
+        sample differs from the previous chunk's (`adaptlab.oracle.SegmentChange`)."""
+        if segment is not None and self._segment.update(segment):
             self.core.rearm(step)
-            _log(trainer, {"forgetting/rearm": 1.0}, step)
+            log({"forgetting/rearm": 1.0}, step)
 
     @torch.no_grad()
-    def _log_norms(self, trainer: pl.Trainer, step: int) -> None:
+    def _log_norms(self, log: LogFn, step: int) -> None:
         self._last_norm_log = step
         w = self.core.emb.weight.detach().float()
         norms = w.norm(dim=1)
@@ -467,7 +489,7 @@ class EmbeddingForgetting(pl.Callback):
             lo_hi = self._groups.get(name)
             if lo_hi:
                 vals[f"forgetting/emb_norm/{name}"] = float(norms[lo_hi[0]:lo_hi[1]].mean())
-        _log(trainer, vals, step)
+        log(vals, step)
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -331,6 +331,32 @@ def test_forgetting_plugin_resets_on_schedule(host, tmp_path):
     assert jump[4] > 10 * max(jump[3], jump[5])
 
 
+def test_forgetting_plugin_rearms_at_the_true_segment_change(tmp_path):
+    """`rearm_on: segment` inside Avalanche: the experience's segment is the oracle; the
+    schedule is re-armed at the first iteration of the second experience, and only there."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    from adaptlab.avalanche.convert import _tensor_dataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 16, (200, 3), generator=g), torch.randint(0, 4, (200,), generator=g)
+    bm = benchmark_from_datasets(train=[_tensor_dataset(x[:60], y[:60]),
+                                        _tensor_dataset(x[60:120], y[60:120])],
+                                 test=[_tensor_dataset(x[150:], y[150:])] * 2)
+    regime = EmbeddingForgetting(regime="temporary", every_k=2, stop_after=3,
+                                 rearm_on="segment", rearm_stop_after=3, log_every=0)
+    plugin = ForgettingPlugin(regime)
+    ev = EvaluationPlugin()
+    strat = StreamLearnerStrategy(learner=_TokenLearner(), plugins=[plugin], evaluator=ev,
+                                  log_dir=str(tmp_path))
+    for exp in bm.train_stream:
+        strat.train(exp, shuffle=False)
+    assert regime.rearm_steps == [6]  # 6 iterations per experience: the second starts at 6
+    assert regime.reset_steps[0] == 2 and regime.reset_steps[-1] > 6  # resets again after it
+    rearms = ev.get_all_metrics()["forgetting/rearm"]
+    assert rearms[0] == [6]
+
+
 @pytest.mark.parametrize("host", ["bridge", "naive"])
 def test_probabilistic_forgetting_freezes_and_restores(host, tmp_path):
     from adaptlab.strategies.forgetting import ProbabilisticEmbeddingForgetting
