@@ -217,7 +217,7 @@ def test_early_stopping_acts_at_segment_ends(tmp_path, capsys) -> None:
     ("gradient_clip_val", "1.0", "trainer.gradient_clip_val: stream learners make their own "
      "updates (manual optimization), so Lightning's clipping never runs; lower the lr (got 1.0)"),
     ("limit_train_batches", "2", "trainer.limit_train_batches: a run is one pass over the stream "
-     "(got 2.0); shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
+     "(got 2); shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
      "repeats, or order"),
     ("fast_dev_run", "true", "trainer.fast_dev_run: a run is one pass over the stream (got "
      "True); shorten the stream instead: --data.stream.init_args.max_samples_per_segment N, "
