@@ -185,30 +185,31 @@ def plot_curves(curves: dict[str, list[float]], shifts: list[int], batch: int,
 
 
 def recurring(args: argparse.Namespace) -> dict[str, Any]:
-    """A B C A B C: the same learner with no reset, periodic resets and shift-aware resets."""
+    """The same learner with no reset, periodic resets and shift-aware resets, on a stream
+    whose domains come back (A B C A B C) and on the continual stream."""
     out: dict[str, Any] = {}
-    for m in ("tent", "eata"):
-        for reset in ("none", "periodic", "shift"):
-            rows = []
-            for seed in range(args.seeds):
-                stream = build_stream(stream_args(RECURRING, seed))
-                kw = {"reset": reset}
-                if reset == "periodic":
-                    kw["reset_every"] = args.reset_every
-                doc, _ = run(make_learner(m, stream, seed, **kw), stream,
-                             f"recurring/{m}_{reset}/seed{seed}")
-                det = doc.get("shift_detection") or {}
-                rep = det.get("report") or {}
-                rows.append({"online": doc["final"]["tta_online_error"],
-                             "detections": det.get("detections"),
-                             "delay": rep.get("detection_delay"),
-                             "false_alarms": rep.get("false_alarms"),
-                             "detected": rep.get("true_positives"),
-                             "true_shifts": list(stream.true_shifts)})
-                print(f"recurring {NAMES[m]:6s} reset {reset:8s} seed {seed} online error "
-                      f"{100 * rows[-1]['online']:5.1f} detections {rows[-1]['detections']}",
-                      flush=True)
-            out[f"{m}/{reset}"] = rows
+    for stream_name, variant in (("recurring", RECURRING), ("continual", {})):
+        for m in ("tent", "eata"):
+            for reset in ("none", "periodic", "shift"):
+                rows = []
+                for seed in range(args.seeds):
+                    stream = build_stream(stream_args(variant, seed))
+                    kw: dict[str, Any] = {"reset": reset}
+                    if reset == "periodic":
+                        kw["reset_every"] = args.reset_every
+                    doc, _ = run(make_learner(m, stream, seed, **kw), stream,
+                                 f"resets/{stream_name}/{m}_{reset}/seed{seed}")
+                    det = doc.get("shift_detection") or {}
+                    rep = det.get("report") or {}
+                    rows.append({"online": doc["final"]["tta_online_error"],
+                                 "detections": det.get("detections"),
+                                 "false_alarms": rep.get("false_alarms"),
+                                 "detected": rep.get("true_positives"),
+                                 "true_shifts": list(stream.true_shifts)})
+                    print(f"{stream_name} {NAMES[m]:6s} reset {reset:8s} seed {seed} online "
+                          f"error {100 * rows[-1]['online']:5.1f} detections "
+                          f"{rows[-1]['detections']}", flush=True)
+                out[f"{stream_name}/{m}/{reset}"] = rows
     return out
 
 
@@ -273,20 +274,22 @@ def write_report(results: dict[str, Any], path: Path) -> str:
                     fmt([d[k] for d in per[m]["domains"]]) for k in doms) + " |")
     rec = results.get("recurring")
     if rec:
-        lines += ["", "Recurring domains (contrast, brightness, fog, twice), online error %, "
-                  "detector against the true changes:", "",
-                  "| learner | reset | online error | detections / true changes | delay of a "
-                  "detection (samples) | false alarms |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "Resets: online error %, and the detector against the true domain changes "
+                  "(recurring: contrast, brightness, fog, twice; continual: the stream above):",
+                  "", "| stream | learner | reset | online error | detections / true changes | "
+                  "delay of a detection (samples) | false alarms |",
+                  "|---|---|---|---:|---:|---:|---:|"]
         for key, rows in rec.items():
-            m, reset = key.split("/")
+            stream_name, m, reset = key.split("/") if key.count("/") == 2 else (
+                "recurring", *key.split("/"))
             det = ["—", "—", "—"]
             if reset == "shift":
                 det = [f"{np.mean([len(r['detections'] or []) for r in rows]):.1f} / "
                        f"{len(rows[0]['true_shifts'])}",
                        _mean([d for r in rows for d in _delays(r)]),
                        _mean([r["false_alarms"] for r in rows])]
-            lines.append(f"| {NAMES[m]} | {reset} | {fmt([r['online'] for r in rows])} | "
-                         + " | ".join(det) + " |")
+            lines.append(f"| {stream_name} | {NAMES[m]} | {reset} | "
+                         f"{fmt([r['online'] for r in rows])} | " + " | ".join(det) + " |")
     c = results.get("cost")
     if c:
         lines += ["", f"Cost: time per adapted batch (64 images) / plain forward "
