@@ -357,3 +357,26 @@ def test_periodic_reset(source):
 def test_reset_needs_something_to_reset(source):
     with pytest.raises(ValueError, match="adapts no weights"):
         make(BNAdapt, source, reset="shift")
+
+
+# ----- the configs' stream variants ----------------------------------------------------------
+
+
+def test_correlated_overlay_gives_few_class_batches():
+    import yaml
+
+    from adaptlab.streams import Corrupted
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "tta")
+    base = yaml.safe_load(open(os.path.join(root, "tent_digits.yaml")))["data"]["stream"]
+    overlay = yaml.safe_load(open(os.path.join(root, "correlated.yaml")))["data"]["stream"]
+    args = {**base["init_args"], "corruptions": ["fog", "contrast"]}
+
+    def classes_per_batch(**extra) -> float:
+        st = Corrupted(**args, **extra).build()
+        b = st.batch_size
+        return sum(len(torch.unique(st.y[i:i + b])) for i in range(0, len(st.y) - b + 1, b)) / (
+            len(st.y) // b)
+
+    assert classes_per_batch() > 9.5  # i.i.d. within a domain: nearly all 10 classes
+    assert classes_per_batch(**overlay["init_args"]) < 8.0  # correlated: few classes a batch
