@@ -63,10 +63,19 @@ class LoRA(nn.Module):
             if not self.active:
                 return None
             x = inputs[0]
-            idx = torch.arange(x.shape[0], device=x.device) // self.per_context
-            idx = idx.clamp(max=self.n_ctx - 1) if self.n_ctx > 1 else idx * 0
-            u = torch.einsum("ntd,nrd->ntr", x, self.a[j][idx])
-            delta = torch.einsum("ntr,nor->nto", u, self.b[j][idx])
+            a, b = self.a[j], self.b[j]
+            n, t = x.shape[0], x.shape[1]
+            if self.n_ctx == 1:
+                delta = (x @ a[0].T) @ b[0].T
+            elif n == self.n_ctx * self.per_context:  # rows grouped by context: one bmm each
+                xe = x.reshape(self.n_ctx, self.per_context * t, -1)
+                delta = torch.bmm(torch.bmm(xe, a.transpose(1, 2)), b.transpose(1, 2))
+                delta = delta.reshape(n, t, -1)
+            else:
+                idx = (torch.arange(n, device=x.device) // self.per_context).clamp(
+                    max=self.n_ctx - 1)
+                u = torch.einsum("ntd,nrd->ntr", x, a[idx])
+                delta = torch.einsum("ntr,nor->nto", u, b[idx])
             rows = self._targets[j][1]
             return output + nn.functional.pad(delta, (rows.start, output.shape[-1] - rows.stop))
         return hook

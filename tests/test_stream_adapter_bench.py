@@ -147,3 +147,7 @@ def test_baselines_add_the_protocol_table_and_cost_rows(tmp_path: Path, capsys) 
     assert len(doc["protocol"]["skill"]) == 2
     methods = {r["method"] for r in doc["protocol"]["cost"]}
     assert methods == {"StreamAdapter", "evicting KV", "TempLoRA", "MT-LoRA"}
+    # --combine: the protocol table over runs (one per seed, run apart)
+    text = bench.combine([str(tmp_path / "b.json"), str(tmp_path / "b.json")],
+                         str(tmp_path / "c.md"))
+    assert "4 evaluation seeds" in text and (tmp_path / "c.md").read_text() == text

@@ -936,8 +936,34 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     return result
 
 
+def combine(paths: Sequence[str], out: str | None) -> str:
+    """The protocol table over several `--baselines` runs (e.g. one per seed, run in
+    parallel): `--combine a.json b.json …`."""
+    docs = [json.load(open(p, encoding="utf-8")) for p in paths]
+    per_seed = []
+    for doc in docs:
+        for curves in doc["protocol"]["skill"]:
+            per_seed.append({m: {f: {int(k): r for k, r in by_k.items()}
+                                 for f, by_k in c.items()} for m, c in curves.items()})
+    seeds = [s for doc in docs for s in doc["protocol"]["seeds"]]
+    lines = [f"Protocol table over {len(per_seed)} evaluation seeds {seeds} "
+             f"({docs[0]['episodes']} episodes per cell each): mean ± sd over seeds.", "",
+             *protocol_table(per_seed, docs[0]["families"], docs[0]["window"])]
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    print(text)
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["--combine"]:
+        outs = [a for a in raw[1:] if a.startswith("--out=")]
+        combine([a for a in raw[1:] if not a.startswith("--out=")],
+                outs[0].split("=", 1)[1] if outs else None)
+        return {}
     command = shlex.join(["python", "tools/stream_adapter_bench.py", *raw])
     try:
         args = parse_args(raw)
