@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,13 @@ def test_missing_dataset_root_is_one_clear_line(tmp_path):
 def test_every_shipped_config_parses(cfg, capsys):
     from adaptlab.cli import main
 
+    text = Path(cfg).read_text()
+    configs = ["--config", cfg]
+    if text.startswith("# Overlay"):  # parsed after the base config its comment names
+        base = re.search(r"--config (\S+) --config", text)
+        assert base, f"{cfg}: an overlay names the config it goes after"
+        configs = ["--config", str(ROOT / base.group(1)), *configs]
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", cfg, "--print_config"])
+        main(["fit", *configs, "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
