@@ -36,7 +36,7 @@ class Replay(Finetune):
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         n = len(x)
-        trainer = self._trainer
+        trainer = self.host_trainer
         mem = self.memory
         if len(mem) and (trainer is None or trainer.world_size == 1) \
                 and x.dtype == mem.x.dtype and y.dtype == mem.y.dtype:

@@ -40,6 +40,7 @@ from torch import nn
 from adaptlab.detect import ShiftDetector
 from adaptlab.learner import StreamLearner, make_optimizer
 from adaptlab.models import build_model, norm_layers
+from adaptlab.seeding import seeded
 
 from .icl_families import save_atomic
 from .joint import Joint
@@ -87,7 +88,7 @@ class SourceTraining(Joint):
         return super().observe(x, y)
 
     def on_train_end(self) -> None:
-        if self.export and (self._trainer is None or self.trainer.is_global_zero):
+        if self.export and (self.host_trainer is None or self.host_trainer.is_global_zero):
             save_atomic(self.source_record(), self.export)
 
     def source_record(self) -> dict[str, Any]:
@@ -421,7 +422,7 @@ class TTALearner(StreamLearner):
     def restore_source(self) -> None:
         """Back to the source: weights, statistics, optimizer state, method state."""
         self.model.load_state_dict(self._source_state)
-        opt = self.optimizers() if self._trainer is not None else None
+        opt = self.optimizers() if self.host_trainer is not None else None
         if opt is not None and not isinstance(opt, list):
             inner = getattr(opt, "optimizer", opt)
             (inner.reset_state if hasattr(inner, "reset_state") else inner.state.clear)()
@@ -746,8 +747,8 @@ class CoTTA(TTALearner):
         """The teacher's logits, augmentation-averaged when the source model is unsure."""
         if float(self.anchor(x).softmax(1).amax(1).mean()) >= self.confidence_threshold:
             return self.teacher(x)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.step_generator(1))))
+        seed = int(torch.randint(2**62, (1,), generator=self.step_generator(1)))
+        with seeded(seed, cuda=x.is_cuda):  # GaussianNoise draws on x's device
             outs = [self.teacher(self.augment(x)) for _ in range(self.n_augmentations)]
         return torch.stack(outs).mean(0)
 

@@ -41,14 +41,14 @@ import torch.nn.functional as F
 
 from adaptlab.data import StreamDataModule
 from adaptlab.models import build_model
+from adaptlab.seeding import seeded
 from adaptlab.streams import Stream, split
 
 BACKBONES = {"mlp": {"hidden": (256,)}, "lenet": {}}
 
 
 def _model(st: Stream, backbone: str, seed: int = 0) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003)
+    with seeded(seed * 1_000_003):
         return build_model(backbone, st.input_shape, st.n_classes, **BACKBONES[backbone])
 
 
