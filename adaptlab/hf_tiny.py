@@ -14,7 +14,8 @@ import json
 import os
 
 import numpy as np
-import torch
+
+from .seeding import seeded
 
 FAMILIES = ("llama", "gpt2")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -96,8 +97,7 @@ def make_tiny_llm(path: str, family: str = "llama", tasks_dir: str | None = None
     from transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = AutoModelForCausalLM.from_config(tiny_config(family, vocab, n_positions))
     model.save_pretrained(path)
     return path

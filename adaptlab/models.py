@@ -282,7 +282,7 @@ class _Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """A small causal transformer for synthetic in-context tasks (spec `forgetting.md` §6).
+    """A small causal transformer for synthetic in-context tasks (docs/methods/forgetting.md).
 
     Learned token and position embeddings, pre-LayerNorm blocks, an output head tied to the
     token table by default, N(0, `initializer_range`²) init and no dropout. The token table,

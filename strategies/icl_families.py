@@ -1,6 +1,6 @@
 """Stage A of StreamAdapter: a `TinyGPT` trained to learn the task families in context.
 
-`FamilyInContextLearner` (spec `stream_adapter.md` §5, Stage A) trains a TinyGPT from scratch
+`FamilyInContextLearner` (docs/methods/stream_adapter.md, Stage A) trains a TinyGPT from scratch
 on `EpisodeDataModule` batches — every family in one batch, `k ~ U{0…W}` demonstrations, then
 `q_A` queries with hidden labels — with the loss at the query positions (cross-entropy over the
 label block, MSE through the regression head), averaged per family and summed. It logs the ICL
@@ -26,6 +26,7 @@ from adaptlab.episodes import EpisodeDataModule, average_skill, demo_curve
 from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import TinyGPT
+from adaptlab.seeding import seeded
 from adaptlab.streams.icl import ALL_FAMILIES, REGRESSION, SEEN, UNSEEN, FamilyVocab
 
 from .in_context import evaluate_and_log
@@ -291,8 +292,7 @@ class FamilyInContextLearner(EpisodicTraining, StreamLearner):
                      "d_model": d_model, "n_head": n_head, "d_mlp": d_mlp,
                      "pad_id": self.n_classes - 1, "d_value": d_value, "reg_head": True,
                      "initializer_range": initializer_range}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             self.model = TinyGPT(**self.arch)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.clip = warmup_steps, clip
@@ -306,7 +306,7 @@ class FamilyInContextLearner(EpisodicTraining, StreamLearner):
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule if self.host_trainer is not None else None
         if not isinstance(dm, EpisodeDataModule):
             raise ValueError("FamilyInContextLearner: trains on adaptlab.episodes."
                              "EpisodeDataModule (data.class_path), not on a stream")

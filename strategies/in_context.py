@@ -1,4 +1,4 @@
-"""`InContextLearner`: trains a `TinyGPT` on in-context sequences (spec `forgetting.md` §6).
+"""`InContextLearner`: trains a `TinyGPT` on in-context sequences (docs/methods/forgetting.md).
 
 The loss is taken at the query position only (the last token), over the label tokens when
 `label_softmax` is set: item rows then get no softmax gradient through the tied head, which
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from adaptlab.jsonio import write_json_atomic
 from adaptlab.learner import StreamLearner
 from adaptlab.models import TinyGPT
+from adaptlab.seeding import seeded
 from adaptlab.streams.icl import EvalSet, eval_sets_of, label_block_of
 
 
@@ -107,8 +108,7 @@ class InContextLearner(StreamLearner):
             )
         vocab = self.n_classes
         self.pad_id = vocab - 1 if pad_id is None else pad_id
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             self.model = TinyGPT(
                 vocab, n_positions=self.input_shape[0], n_layer=n_layer, d_model=d_model,
                 n_head=n_head, d_mlp=d_mlp, tie_head=tie_head, pad_id=self.pad_id,
@@ -146,7 +146,7 @@ class InContextLearner(StreamLearner):
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None) if self.host_trainer is not None else None
         stream = getattr(dm, "stream", None)
         if stream is not None:
             if self.label_block is None:
@@ -188,7 +188,7 @@ class InContextLearner(StreamLearner):
         if self.lr_schedule == "constant":
             return 1.0
         total = self.decay_steps
-        if total is None and self._trainer is not None and self.trainer.max_steps > 0:
+        if total is None and self.host_trainer is not None and self.trainer.max_steps > 0:
             total = self.trainer.max_steps
         if not total or total <= self.warmup_steps:
             return 1.0
@@ -318,7 +318,7 @@ class InContextLearner(StreamLearner):
     def on_train_end(self) -> None:
         if self.eval_every and (not self.curves or self.curves[-1]["step"] != self.update_steps):
             self._evaluate_and_log()
-        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        log_dir = self.trainer.log_dir if self.host_trainer is not None else None
         if log_dir and self.trainer.is_global_zero and self.curves:
             os.makedirs(log_dir, exist_ok=True)
             write_json_atomic(os.path.join(log_dir, "icl_curves.json"),

@@ -2,7 +2,7 @@
 
 StreamAdapter (Muhtar, Shen et al., 2024) turns streamed demonstrations into a temporary
 low-rank update of a frozen causal transformer, so queries run with no context in the window
-(spec `stream_adapter.md` §5, §6). Its modules (`ContextMapper`, `WeightAbsorption`,
+(docs/methods/stream_adapter.md). Its modules (`ContextMapper`, `WeightAbsorption`,
 `AdaptedGPT`) are in `stream_adapter_nn.py`; here are the two learners over them:
 
 - `StreamAdapter` (§5, Stage B): meta-trains the adapter on episodes of the seen families and
@@ -31,6 +31,7 @@ from adaptlab.episodes import EpisodeDataModule
 from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner
 from adaptlab.oracle import SegmentChange
+from adaptlab.seeding import seeded
 from adaptlab.streams.core import Purpose, rng
 from adaptlab.streams.icl import UNSEEN, FamilyVocab, value_dim
 
@@ -239,8 +240,7 @@ class StreamAdapter(EpisodicTraining, _AdapterLearner):
             "block_size": block_size or base_rec["task"]["window"],
             "targets": list(_resolve_targets(targets)), "layers": layers, "gate": gate,
             "recurrence": recurrence, "gate_bias": gate_bias}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             self.core = AdaptedGPT(model, **self.adapter_args)
         self._bind(base_rec)
         self.allow_unseen = allow_unseen
@@ -263,7 +263,7 @@ class StreamAdapter(EpisodicTraining, _AdapterLearner):
         self.core.reset_state(1)
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule if self.host_trainer is not None else None
         if not isinstance(dm, EpisodeDataModule):
             raise ValueError("StreamAdapter: data must be an adaptlab.episodes.EpisodeDataModule "
                              "(data.class_path); the test-time learner on a context stream is "
@@ -422,7 +422,7 @@ class TestTimeStreamAdapter(_AdapterLearner):
         self.core.reset_state(1)
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule if self.host_trainer is not None else None
         if isinstance(dm, EpisodeDataModule):
             raise ValueError("TestTimeStreamAdapter: data must be a context stream, not "
                              "episodes; StreamAdapter meta-trains the adapter on episodes")
@@ -431,7 +431,7 @@ class TestTimeStreamAdapter(_AdapterLearner):
             if key in params and params[key] != self.task[key]:
                 raise ValueError(f"data.stream.{key}: {params[key]!r}, the adapter's base was "
                                  f"trained with {self.task[key]!r}")
-        if self.reset_on == "segment" and self._trainer is not None and not any(
+        if self.reset_on == "segment" and self.host_trainer is not None and not any(
                 isinstance(cb, SegmentReset) for cb in self.trainer.callbacks):
             raise ValueError("reset_on: segment needs the SegmentReset callback "
                              "(--trainer.callbacks+=adaptlab.strategies.SegmentReset)")

@@ -32,6 +32,7 @@ from adaptlab.hf_text import TextEpisode, accuracy, option_scores, pad_rows
 from adaptlab.jsonio import metrics_document, write_json_atomic
 from adaptlab.learner import StreamLearner, warmup_cosine
 from adaptlab.models import KV
+from adaptlab.seeding import seeded
 
 from .icl_families import save_atomic
 from .stream_adapter_nn import AdaptedLM, last_layers, linear_dims
@@ -217,8 +218,7 @@ class HFStreamAdapter(StreamLearner):
                              "block_size": block_size, "targets": targets if isinstance(
                                  targets, str) else list(targets), "layers": layers,
                              "gate": gate, "recurrence": recurrence, "gate_bias": gate_bias}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             self.core = AdaptedHF(base, **self.adapter_args)
         self.core.mappers.float()
         self.core.absorptions.float()

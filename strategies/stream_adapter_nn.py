@@ -1,7 +1,7 @@
 """StreamAdapter's modules: context mapping and weight absorption on a frozen causal LM.
 
-The `nn` half of StreamAdapter (Muhtar, Shen et al., 2024; spec `stream_adapter.md` §2, §3,
-§6); the learners that train and run it are in `stream_adapter.py`:
+The `nn` half of StreamAdapter (Muhtar, Shen et al., 2024; docs/methods/stream_adapter.md);
+the learners that train and run it are in `stream_adapter.py`:
 
 - `ContextMapper` (§2): one layer's prefill (K, V), cut into chunks, is read by learnable
   multi-head queries and folded by a gated recurrence into a fixed-size state `(S, n)`.

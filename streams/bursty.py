@@ -1,4 +1,4 @@
-"""Bursty token classification (Chan et al. 2022; Anand et al. 2024; spec `forgetting.md` §5).
+"""Bursty token classification (Chan et al. 2022; Anand et al. 2024; docs/methods/forgetting.md).
 
 Sequences `x1 l1 … xP lP xq`, target `lq`. Items follow a Zipf law; in *bursty* sequences the
 query's class appears `burst` times in the context, in *i.i.d.* ones every item is drawn

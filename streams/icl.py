@@ -1,9 +1,9 @@
 """Synthetic in-context task streams: the two generators, under their old import path.
 
-- `streams/bursty.py`: bursty token classification (spec `forgetting.md` §5),
+- `streams/bursty.py`: bursty token classification (docs/methods/forgetting.md),
   `adaptlab.streams.icl.BurstyTokenStream` in configs.
 - `streams/task_families.py`: the one-position-per-example task families of StreamAdapter
-  (spec `stream_adapter.md` §4), `adaptlab.streams.icl.ContextStream` in configs.
+  (docs/methods/stream_adapter.md), `adaptlab.streams.icl.ContextStream` in configs.
 """
 
 from __future__ import annotations

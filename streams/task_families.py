@@ -1,4 +1,4 @@
-"""In-context task families with one position per example (spec `stream_adapter.md` §4).
+"""In-context task families with one position per example (docs/methods/stream_adapter.md).
 
 `linreg`, `sparse_linreg`, `logreg`, `tokcls4/8`, `bool_conj/disj`: each example is one
 position carrying a `token`, a `label_token` and a real-valued `value` vector (the `[x; y]`

@@ -4,7 +4,7 @@
     python tools/stream_adapter_bench.py --quick        # smoke test: few episodes, ks and reps
     python tools/stream_adapter_bench.py --device cuda  # also peak GPU memory per query
 
-The benchmark of spec `stream_adapter.md` §7. For every Stage B export (`--adapters`):
+The benchmark of docs/methods/stream_adapter.md. For every Stage B export (`--adapters`):
 
 - **Skill.** Its seen families plus the unseen families of the same kind (regression or
   label), at k ∈ {0, 1, 2, 4, 8, 16, 64, 256} ∪ {W, 2W, 4W, 16W}, on the same evaluation
@@ -58,6 +58,7 @@ import torch
 from adaptlab.episodes import demo_curve
 from adaptlab.jsonio import write_json_atomic
 from adaptlab.models import TinyGPT
+from adaptlab.seeding import seeded
 from adaptlab.strategies.icl_families import (
     family_readout,
     icl_outputs,
@@ -266,8 +267,7 @@ def cost_bench(exp: Export, ks: Sequence[int], reps: int, device: str, seed: int
     ct, cl, cv = (b[n].to(device) for n in ("ctx_token", "ctx_label", "ctx_value"))
     q = (b["q_token"].to(device), b["q_value"].to(device), b["q_label"].to(device))
     arch = dict(exp.record["base_record"]["arch"], n_positions=kmax + task["n_query"] + 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         icl = TinyGPT(**arch).to(device).eval().requires_grad_(False)
     saved_nbytes = sum(a.linear.weight[a.rows].nbytes for a in core.absorptions.values())
     rows = []
@@ -862,7 +862,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     dev = (torch.cuda.get_device_name() if args.device == "cuda"
            else platform.processor() or platform.machine())
     e0 = exports[0]
-    lines = ["# StreamAdapter benchmark (spec `stream_adapter.md` §7)", "",
+    lines = ["# StreamAdapter benchmark (docs/methods/stream_adapter.md)", "",
              f"`{command}`", "",
              f"torch {torch.__version__}, device {args.device} ({dev}), "
              f"{torch.get_num_threads()} torch thread(s), {args.episodes} episodes per "
