@@ -14,6 +14,7 @@ Bad input ends with one line on stderr and exit code 1 (`ADAPTLAB_DEBUG=1` shows
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -41,7 +42,7 @@ REFUSED = {
     "--optimizer": "learners build their own optimizers: set --model.init_args.optimizer "
     "(sgd, adam, adamw), --model.init_args.lr and the learner's schedule options",
     "--lr_scheduler": "learners own their schedules: see the learner's options "
-    "(`adaptlab fit --model <Learner> --help`, e.g. TAME's lr_milestones)",
+    "(`adaptlab fit --model <Learner> --help`, e.g. TAME's experts.lr_milestones)",
 }
 
 
@@ -51,12 +52,32 @@ class AdaptLabParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         refused = next((o for o in REFUSED if f"{o} " in message + " " or f"{o}=" in message),
                        None)
+        moved = _moved_key(message)
         if refused is not None:
             print(f"adaptlab: error: {refused}: {REFUSED[refused]}", file=sys.stderr)
+        elif moved is not None:
+            print(f"adaptlab: error: {moved}", file=sys.stderr)
         else:
             print(f"adaptlab: error: {condense(message)} (`adaptlab fit --help` lists the "
                   "options)", file=sys.stderr)
         sys.exit(2)
+
+
+def _moved_key(message: str) -> str | None:
+    """A learner option that moved into a settings group (a learner's `MOVED_KEYS`, e.g.
+    TAME's `window` -> `detector.window`), named with its new key; None otherwise."""
+    match = re.search(r"Option '(\w+)' is not accepted", message)
+    if match is None:
+        return None
+    key, stack = match.group(1), list(StreamLearner.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        new = getattr(cls, "MOVED_KEYS", {}).get(key)
+        if new is not None:
+            return (f"model.init_args.{key}: {cls.__name__}'s settings are grouped; it is now "
+                    f"model.init_args.{new}")
+    return None
 
 
 NOISE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Given value type:",

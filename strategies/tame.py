@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 import torch
@@ -750,57 +750,208 @@ class _Batch:
 # --------------------------------------------------------------------------- TAME
 
 
+@dataclass(frozen=True)
+class DetectorSettings:
+    """`model.init_args.detector`: the `ShiftDetector` on each expert's loss, and how TAME
+    reads it.
+
+        window, alpha, n_sigma, sigma_floor, grace_steps, test, recent, p_value: the
+            `ShiftDetector` (`grace_steps` is its `grace`).
+        ewma_chain: `own` (trigger on the expert's own EWMA) or `all` ([C]'s every-batch chain).
+        recognition: `first_fit` ([C]) or `min_margin` (the old expert furthest under tau).
+    """
+
+    window: int = 100
+    alpha: float = 0.2
+    n_sigma: float | None = None
+    sigma_floor: float = 0.005
+    grace_steps: int = 20
+    test: str = "mannwhitney"
+    recent: int = 10
+    p_value: float | None = None
+    ewma_chain: str = "own"
+    recognition: str = "first_fit"
+
+
+@dataclass(frozen=True)
+class ExpertSettings:
+    """`model.init_args.experts`: each expert's training and how the experts are evaluated.
+
+        lr, momentum, weight_decay, nesterov: each expert's SGD.
+        steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs: per-expert MultiStep LR over
+            expert-epochs of `steps_per_epoch` steps ([C]); `None` keeps the LR constant.
+        output: `logits` (plain CE) or `sigmoid` (CE of sigmoid outputs, [P,C]: a bounded
+            loss, but weak gradients with many classes).
+        eval_experts: `all`, or `on_trigger` (only the active expert until it fires; needs
+            `detector.ewma_chain: own`).
+        batched_forward: `auto` (vmap on CUDA; on a CPU stacked weights for MLP experts, else a
+            loop), `vmap`, `stack` (MLP experts: one batched matmul per layer) or `loop`.
+    """
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    steps_per_epoch: int | None = None
+    lr_milestones: Sequence[int] = (60, 120, 160, 230)
+    lr_gamma: float = 0.2
+    warmup_epochs: int = 0
+    output: str = "logits"
+    eval_experts: str = "all"
+    batched_forward: str = "auto"
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """`model.init_args.memory`: the buffers S (selector) and R_k (retraining), disjoint.
+
+        selector_capacity, selector_balance (`expert`|`label`|`none`), keys (`content`|
+            `random`), retrain_capacity: S's size and balance, R_k's size, how items are kept.
+        share: the selector fits on every stored sample (S and each R_k labelled k) and
+            expert k retrains on R_k and S's items of k; False: S and R_k only ([P]).
+    """
+
+    selector_capacity: int = 500
+    selector_balance: str = "expert"
+    keys: str = "content"
+    retrain_capacity: int = 200
+    share: bool = True
+
+
+@dataclass(frozen=True)
+class SelectorSettings:
+    """`model.init_args.selector`: the router from a test input to an expert.
+
+        backbone: `gaussian` (default [A], `GaussianRouter`: one full-covariance Gaussian per
+            expert, shrinkage by cross-validation; `backbone_args` `{shrinkage: 0.1}` fixes
+            it) or a network from `adaptlab.models` ([P]: `mlp`; `backbone_args` default
+            `{hidden: [128]}`).
+        moments: the Gaussians' moments over every sample each expert trained on (`stream`,
+            no samples kept) or over the stored samples only (`memory`).
+        output, epochs, lr, momentum, weight_decay, batch_size: the network selector's
+            training; `schedule` `before_eval` (train at every evaluation point) or `end`
+            (min-entropy routing until the final evaluation); `refresh` `scratch` or `warm`
+            (`refresh_epochs` then).
+    """
+
+    backbone: str = "gaussian"
+    backbone_args: dict[str, Any] | None = None
+    moments: str = "stream"
+    output: str = "logits"
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "before_eval"
+    refresh: str = "scratch"
+    refresh_epochs: int = 20
+
+
+@dataclass(frozen=True)
+class PruningSettings:
+    """`model.init_args.pruning`: global L1 pruning and retraining on R_k (experts) / S
+    (selector).
+
+        when (`end`|`on_spawn`|`gradual`|`off`), experts, selector: when, and the fraction of
+            the experts' / selector's weights pruned. `gradual` (adaptlab extension [A], not in
+            the paper): task-free gradual pruning; expert k's sparsity follows
+            `cubic_sparsity(t_k, experts, steps)` over its own training-step count t_k, its
+            masks recomputed by global L1 every `every` of its steps (and at t_k = steps) and
+            applied after every step, so it learns its segment under the mask; at the final
+            evaluation only experts that never reached `steps` are pruned to `experts` and
+            retrained on R_k.
+        start: when an expert's gradual clock starts: `plateau` (default: its detector window
+            shows the loss no longer falling, `ShiftDetector.plateaued`) or `spawn`.
+        tolerance: `end`/`on_spawn` pruning re-checks the retrained expert on a held-out
+            quarter of R_k and backs off (prunes less, or not at all) while it loses more than
+            this accuracy against the dense expert; None skips the check.
+        retrain_epochs, retrain_lr (None: `experts.lr`), retrain_weight_decay,
+            retrain_milestones, retrain_gamma, retrain_batch_size: the retraining after
+            pruning; `selector_retrain_lr` the selector's.
+    """
+
+    when: str = "end"
+    experts: float = 0.98
+    selector: float = 0.5
+    steps: int = 1000
+    every: int = 50
+    start: str = "plateau"
+    tolerance: float | None = 0.05
+    retrain_epochs: int = 200
+    retrain_lr: float | None = None
+    retrain_weight_decay: float = 1e-4
+    retrain_milestones: Sequence[int] = (100, 150)
+    retrain_gamma: float = 0.1
+    retrain_batch_size: int = 128
+    selector_retrain_lr: float = 1e-3
+
+
+#: TAME's settings by group (`model.init_args.<group>.<field>`).
+SETTINGS = {"detector": DetectorSettings, "experts": ExpertSettings, "memory": MemorySettings,
+            "selector": SelectorSettings, "pruning": PruningSettings}
+
+#: The flat keys TAME took before its settings were grouped, and where each lives now.
+MOVED_KEYS: dict[str, str] = {
+    **{k: f"detector.{k}" for k in ("window", "alpha", "n_sigma", "sigma_floor", "grace_steps",
+                                    "test", "recent", "p_value", "ewma_chain", "recognition")},
+    **{k: f"experts.{k}" for k in ("lr", "momentum", "weight_decay", "nesterov",
+                                   "steps_per_epoch", "lr_milestones", "lr_gamma",
+                                   "warmup_epochs", "eval_experts", "batched_forward")},
+    "expert_output": "experts.output",
+    "selector_capacity": "memory.selector_capacity", "selector_balance": "memory.selector_balance",
+    "buffer_keys": "memory.keys", "retrain_capacity": "memory.retrain_capacity",
+    "share_memory": "memory.share",
+    **{f"selector_{k}": f"selector.{k}" for k in (
+        "backbone", "backbone_args", "moments", "output", "epochs", "lr", "momentum",
+        "weight_decay", "batch_size", "schedule", "refresh", "refresh_epochs")},
+    **{f"prune_{k}": f"pruning.{k}" for k in ("when", "experts", "selector", "steps", "every",
+                                              "start", "tolerance")},
+    **{k: f"pruning.{k}" for k in ("retrain_epochs", "retrain_lr", "retrain_weight_decay",
+                                   "retrain_milestones", "retrain_gamma", "retrain_batch_size",
+                                   "selector_retrain_lr")},
+}
+
+
+def _settings(cls: type, value: Any, group: str) -> Any:
+    """A group's settings from the dataclass, a mapping of its fields (YAML, a checkpoint's
+    hyperparameters) or None (its defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace
+        value = value.as_dict()
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{group}: unknown setting {unknown[0]!r}; {group} takes "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**value)
+    raise TypeError(f"{group}: expected {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
 class TAME(StreamLearner):
     """Task-agnostic continual learning with multiple experts (see the module docstring).
 
-    Args ([C] = reference code, [P] = paper). The defaults were chosen on ONE development
-    stream (`tools/detect_report.py`'s DEVELOPMENT: make_classification 10 classes,
-    class_sep 1.0, flip_y 0.05, Permuted 5 segments, batch 10, 5 passes, data seed 100) and
-    the detector rule on constructed loss sequences, then frozen: logits CE at lr 0.01
-    (momentum 0.9; [C]'s sigmoid at lr 0.1 left experts at 0.25 of an i.i.d. 0.63 there,
+    Args ([C] = reference code, [P] = paper), grouped: `detector` (`DetectorSettings`),
+    `experts` (`ExpertSettings`), `memory` (`MemorySettings`), `selector`
+    (`SelectorSettings`), `pruning` (`PruningSettings`); in YAML
+    `model.init_args.detector.window: 100`, on the command line
+    `--model.init_args.detector.window 100`; in Python a dataclass or a dict of its fields
+    (`TAME(detector={"window": 100})`). A flat key of the old signature (`window`) is refused
+    in one line naming its new place (`MOVED_KEYS`). The defaults were chosen on ONE
+    development stream (`tools/detect_report.py`'s DEVELOPMENT: make_classification 10
+    classes, class_sep 1.0, flip_y 0.05, Permuted 5 segments, batch 10, 5 passes, data seed
+    100) and the detector rule on constructed loss sequences, then frozen: logits CE at lr
+    0.01 (momentum 0.9; [C]'s sigmoid at lr 0.1 left experts at 0.25 of an i.i.d. 0.63 there,
     logits at 0.01 reach 0.63), `test: mannwhitney` (the paper's mu + 3 sigma missed 4 of 4
     shifts there), pruning held back until an expert has converged, and the Gaussian router
     on stream moments with shared memory (there, at memory 250 + 5 x 50: the paper's MLP
     selector on S routed 0.33 of test inputs right, class-IL 0.07; now 1.00 and 0.62, the own
-    experts' accuracy). `configs/tame/*_digits` keep [C]'s choices ([P]/[C] defaults: spec
-    `tame.md` §9).
-        lr, momentum, weight_decay, nesterov: each expert's SGD.
-        steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs: per-expert MultiStep LR over
-            expert-epochs of `steps_per_epoch` steps ([C]); `None` keeps the LR constant.
-        expert_output: `logits` (plain CE) or `sigmoid` (CE of sigmoid outputs, [P,C]: a
-            bounded loss, but weak gradients with many classes).
-        window, alpha, n_sigma, sigma_floor, grace_steps, test, recent, p_value:
-            the `ShiftDetector`.
-        ewma_chain: `own` (trigger on the expert's own EWMA) or `all` ([C]'s every-batch chain).
-        recognition: `first_fit` ([C]) or `min_margin` (the old expert furthest under tau).
-        eval_experts: `all`, or `on_trigger` (only the active expert until it fires; `own`).
-        batched_forward: `auto` (vmap on CUDA; on a CPU stacked weights for MLP experts, else a
-            loop), `vmap`, `stack` (MLP experts: one batched matmul per layer) or `loop`.
-        selector_capacity, selector_balance (`expert`|`label`|`none`), buffer_keys
-            (`content`|`random`), retrain_capacity: the buffers S and R_k (disjoint).
-        share_memory: the selector fits on every stored sample (S and each R_k labelled k) and
-            expert k retrains on R_k and S's items of k; False: S and R_k only ([P]).
-        selector_backbone: `gaussian` (default [A], `GaussianRouter`: one full-covariance
-            Gaussian per expert, shrinkage by cross-validation; `selector_backbone_args`
-            `{shrinkage: 0.1}` fixes it) or a network from `adaptlab.models` ([P]: `mlp`).
-        selector_moments: the Gaussians' moments over every sample each expert trained on
-            (`stream`, no samples kept) or over the stored samples only (`memory`).
-        selector_*: the network selector's training; `selector_schedule`
-            `before_eval` (train at every evaluation point) or `end` (min-entropy routing
-            until the final evaluation); `selector_refresh` `scratch` or `warm`.
-        prune_when (`end`|`on_spawn`|`gradual`|`off`), prune_experts, prune_selector,
-            retrain_*: global L1 pruning and retraining on R_k (experts) / S (selector).
-            `gradual` (adaptlab extension [A], not in the paper): task-free gradual pruning;
-            expert k's sparsity follows `cubic_sparsity(t_k, prune_experts, prune_steps)` over
-            its own training-step count t_k, its masks recomputed by global L1 every
-            `prune_every` of its steps (and at t_k = prune_steps) and applied after every step,
-            so it learns its segment under the mask; at the final evaluation only experts that
-            never reached `prune_steps` are pruned to `prune_experts` and retrained on R_k.
-        prune_start: when an expert's gradual clock starts: `plateau` (default: its detector
-            window shows the loss no longer falling, `ShiftDetector.plateaued`) or `spawn`.
-        prune_tolerance: `end`/`on_spawn` pruning re-checks the retrained expert on a held-out
-            quarter of R_k and backs off (prunes less, or not at all) while it loses more than
-            this accuracy against the dense expert; None skips the check.
+    experts' accuracy). `configs/tame/*_digits` keep [C]'s choices ([P]/[C] defaults:
+    docs/methods/tame.md).
+        detector, experts, memory, selector, pruning: the groups above.
         fit_patience, fit_tol: bound the evaluation-time training (selector fits, retraining):
             when the epoch's mean loss has not improved by a relative `fit_tol` for
             `fit_patience` epochs, the LR takes its next milestone at once, and after the last
@@ -808,149 +959,123 @@ class TAME(StreamLearner):
         log_every: observe steps between TensorBoard scalars (events are always logged).
     """
 
+    MOVED_KEYS = MOVED_KEYS
+
     def __init__(
         self,
         *,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        nesterov: bool = False,
-        steps_per_epoch: int | None = None,
-        lr_milestones: Sequence[int] = (60, 120, 160, 230),
-        lr_gamma: float = 0.2,
-        warmup_epochs: int = 0,
-        expert_output: str = "logits",
-        window: int = 100,
-        alpha: float = 0.2,
-        n_sigma: float | None = None,
-        sigma_floor: float = 0.005,
-        grace_steps: int = 20,
-        test: str = "mannwhitney",
-        recent: int = 10,
-        p_value: float | None = None,
-        ewma_chain: str = "own",
-        recognition: str = "first_fit",
-        eval_experts: str = "all",
-        batched_forward: str = "auto",
-        selector_capacity: int = 500,
-        selector_balance: str = "expert",
-        buffer_keys: str = "content",
-        retrain_capacity: int = 200,
-        share_memory: bool = True,
-        selector_backbone: str = "gaussian",
-        selector_backbone_args: dict[str, Any] | None = None,
-        selector_moments: str = "stream",
-        selector_output: str = "logits",
-        selector_epochs: int = 100,
-        selector_lr: float = 0.1,
-        selector_momentum: float = 0.9,
-        selector_weight_decay: float = 5e-4,
-        selector_batch_size: int = 128,
-        selector_schedule: str = "before_eval",
-        selector_refresh: str = "scratch",
-        selector_refresh_epochs: int = 20,
-        prune_when: str = "end",
-        prune_experts: float = 0.98,
-        prune_selector: float = 0.5,
-        prune_steps: int = 1000,
-        prune_every: int = 50,
-        prune_start: str = "plateau",
-        prune_tolerance: float | None = 0.05,
-        retrain_epochs: int = 200,
-        retrain_lr: float | None = None,
-        retrain_weight_decay: float = 1e-4,
-        retrain_milestones: Sequence[int] = (100, 150),
-        retrain_gamma: float = 0.1,
-        retrain_batch_size: int = 128,
-        selector_retrain_lr: float = 1e-3,
+        detector: DetectorSettings = DetectorSettings(),  # noqa: B008  (frozen: shared is safe)
+        experts: ExpertSettings = ExpertSettings(),  # noqa: B008
+        memory: MemorySettings = MemorySettings(),  # noqa: B008
+        selector: SelectorSettings = SelectorSettings(),  # noqa: B008
+        pruning: PruningSettings = PruningSettings(),  # noqa: B008
         fit_patience: int | None = 5,
         fit_tol: float = 0.01,
         log_every: int = 50,
         **kwargs: Any,
     ) -> None:
+        moved = next((k for k in kwargs if k in MOVED_KEYS), None)
+        if moved is not None:
+            raise ValueError(f"{moved}: TAME's settings are grouped; it is now "
+                             f"{MOVED_KEYS[moved]} (model.init_args.{MOVED_KEYS[moved]})")
+        det = _settings(DetectorSettings, detector, "detector")
+        exp = _settings(ExpertSettings, experts, "experts")
+        mem = _settings(MemorySettings, memory, "memory")
+        sel = _settings(SelectorSettings, selector, "selector")
+        pru = _settings(PruningSettings, pruning, "pruning")
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        # plain dicts in the checkpoint (it loads with weights_only) and in hparams.yaml
+        self.hparams.update({name: {k: list(v) if isinstance(v, tuple) else v
+                                    for k, v in asdict(group).items()}
+                             for name, group in (("detector", det), ("experts", exp),
+                                                 ("memory", mem), ("selector", sel),
+                                                 ("pruning", pru))})
+        self.settings = {"detector": det, "experts": exp, "memory": mem, "selector": sel,
+                         "pruning": pru}
         choices = {
-            "expert_output": (expert_output, ("sigmoid", "logits")),
-            "ewma_chain": (ewma_chain, ("own", "all")),
-            "recognition": (recognition, ("first_fit", "min_margin")),
-            "eval_experts": (eval_experts, ("all", "on_trigger")),
-            "batched_forward": (batched_forward, ("auto", "vmap", "stack", "loop")),
-            "selector_balance": (selector_balance, ("expert", "label", "none")),
-            "selector_output": (selector_output, ("logits", "sigmoid")),
-            "selector_moments": (selector_moments, ("stream", "memory")),
-            "selector_schedule": (selector_schedule, ("before_eval", "end")),
-            "selector_refresh": (selector_refresh, ("scratch", "warm")),
-            "prune_when": (prune_when, ("end", "on_spawn", "gradual", "off")),
-            "prune_start": (prune_start, ("plateau", "spawn")),
+            "experts.output": (exp.output, ("sigmoid", "logits")),
+            "detector.ewma_chain": (det.ewma_chain, ("own", "all")),
+            "detector.recognition": (det.recognition, ("first_fit", "min_margin")),
+            "experts.eval_experts": (exp.eval_experts, ("all", "on_trigger")),
+            "experts.batched_forward": (exp.batched_forward, ("auto", "vmap", "stack", "loop")),
+            "memory.selector_balance": (mem.selector_balance, ("expert", "label", "none")),
+            "selector.output": (sel.output, ("logits", "sigmoid")),
+            "selector.moments": (sel.moments, ("stream", "memory")),
+            "selector.schedule": (sel.schedule, ("before_eval", "end")),
+            "selector.refresh": (sel.refresh, ("scratch", "warm")),
+            "pruning.when": (pru.when, ("end", "on_spawn", "gradual", "off")),
+            "pruning.start": (pru.start, ("plateau", "spawn")),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{name}: {value!r} is not one of {allowed}")
-        if eval_experts == "on_trigger" and ewma_chain != "own":
-            raise ValueError("eval_experts: 'on_trigger' needs ewma_chain 'own' (the 'all' chain "
-                             "advances every expert on every batch)")
+        if exp.eval_experts == "on_trigger" and det.ewma_chain != "own":
+            raise ValueError("experts.eval_experts: 'on_trigger' needs detector.ewma_chain "
+                             "'own' (the 'all' chain advances every expert on every batch)")
         if fit_patience is not None and fit_patience < 1:
             raise ValueError(f"fit_patience: must be >= 1 or null, got {fit_patience!r}")
-        if prune_steps < 1 or prune_every < 1:
-            raise ValueError(f"prune_steps, prune_every: must be >= 1, got {prune_steps!r}, "
-                             f"{prune_every!r}")
-        if steps_per_epoch is not None and steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch: must be >= 1 or null, got {steps_per_epoch!r}")
-        self.opt_args = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                         "nesterov": nesterov}
-        self.lr_schedule = None if steps_per_epoch is None else _StepLR(
-            steps_per_epoch, lr_milestones, lr_gamma, warmup_epochs)
-        self.expert_output = expert_output
-        self.batched_forward = batched_forward
-        self.selector_balance = selector_balance
-        self.buffer_keys, self.retrain_capacity = buffer_keys, retrain_capacity
-        self.share_memory = share_memory
+        if pru.steps < 1 or pru.every < 1:
+            raise ValueError(f"pruning.steps, pruning.every: must be >= 1, got {pru.steps!r}, "
+                             f"{pru.every!r}")
+        if exp.steps_per_epoch is not None and exp.steps_per_epoch < 1:
+            raise ValueError("experts.steps_per_epoch: must be >= 1 or null, got "
+                             f"{exp.steps_per_epoch!r}")
+        self.opt_args = {"lr": exp.lr, "momentum": exp.momentum,
+                         "weight_decay": exp.weight_decay, "nesterov": exp.nesterov}
+        self.lr_schedule = None if exp.steps_per_epoch is None else _StepLR(
+            exp.steps_per_epoch, exp.lr_milestones, exp.lr_gamma, exp.warmup_epochs)
+        self.expert_output = exp.output
+        self.batched_forward = exp.batched_forward
+        self.selector_balance = mem.selector_balance
+        self.buffer_keys, self.retrain_capacity = mem.keys, mem.retrain_capacity
+        self.share_memory = mem.share
         self.selector_fit_args = {
-            "lr": selector_lr, "momentum": selector_momentum,
-            "weight_decay": selector_weight_decay, "batch_size": selector_batch_size,
+            "lr": sel.lr, "momentum": sel.momentum,
+            "weight_decay": sel.weight_decay, "batch_size": sel.batch_size,
             "patience": fit_patience, "tol": fit_tol,
         }
-        self.selector_epochs = selector_epochs
-        self.selector_schedule, self.selector_refresh = selector_schedule, selector_refresh
-        self.selector_refresh_epochs = selector_refresh_epochs
+        self.selector_epochs = sel.epochs
+        self.selector_schedule, self.selector_refresh = sel.schedule, sel.refresh
+        self.selector_refresh_epochs = sel.refresh_epochs
         self.prune_when, self.prune_experts, self.prune_selector = (
-            prune_when, prune_experts, prune_selector)
-        self.prune_steps, self.prune_every = prune_steps, prune_every
-        self.prune_start_at, self.prune_tolerance = prune_start, prune_tolerance
+            pru.when, pru.experts, pru.selector)
+        self.prune_steps, self.prune_every = pru.steps, pru.every
+        self.prune_start_at, self.prune_tolerance = pru.start, pru.tolerance
         self.retrain_args = {
-            "epochs": retrain_epochs, "lr": lr if retrain_lr is None else retrain_lr,
+            "epochs": pru.retrain_epochs,
+            "lr": exp.lr if pru.retrain_lr is None else pru.retrain_lr,
             "momentum": 0.9,
-            "weight_decay": retrain_weight_decay, "batch_size": retrain_batch_size,
-            "gamma": retrain_gamma, "milestones": list(retrain_milestones),
+            "weight_decay": pru.retrain_weight_decay, "batch_size": pru.retrain_batch_size,
+            "gamma": pru.retrain_gamma, "milestones": list(pru.retrain_milestones),
             "patience": fit_patience, "tol": fit_tol,
         }
-        self.selector_retrain_lr = selector_retrain_lr
+        self.selector_retrain_lr = pru.selector_retrain_lr
         self.log_every = log_every
         self.ln_c = math.log(self.n_classes)  # CE of a uniform output: the window seed
 
-        self.pool = ExpertPool(output=expert_output)
+        self.pool = ExpertPool(output=exp.output)
         self.detector = ShiftDetector(
-            window=window, alpha=alpha, n_sigma=n_sigma, sigma_floor=sigma_floor,
-            grace=grace_steps, test=test, recent=recent, p_value=p_value,
-            chain=ewma_chain,
+            window=det.window, alpha=det.alpha, n_sigma=det.n_sigma,
+            sigma_floor=det.sigma_floor, grace=det.grace_steps, test=det.test,
+            recent=det.recent, p_value=det.p_value, chain=det.ewma_chain,
         )
-        self.core = DecisionCore(self.detector, self.ln_c, recognition, eval_experts)
+        self.core = DecisionCore(self.detector, self.ln_c, det.recognition, exp.eval_experts)
         self.selector_buffer = BottomKBuffer(
-            selector_capacity, self.input_shape, keys=buffer_keys,
-            balance="none" if selector_balance == "none" else "group", seed=self.seed,
+            mem.selector_capacity, self.input_shape, keys=mem.keys,
+            balance="none" if mem.selector_balance == "none" else "group", seed=self.seed,
         )
         self.retrain_buffers = nn.ModuleList()
         # GaussianRouter statistics over every sample each expert trained on
-        if selector_backbone == "gaussian":
+        if sel.backbone == "gaussian":
             gaussian_dim(self.input_shape)
-        self.stream_moments = selector_backbone == "gaussian" and selector_moments == "stream"
+        self.stream_moments = sel.backbone == "gaussian" and sel.moments == "stream"
         self.moments = nn.ModuleList()
         self.selector = Selector(
-            self.input_shape, selector_backbone,
-            selector_backbone_args if selector_backbone_args is not None
-            else {} if selector_backbone == "gaussian" else {"hidden": [128]},
-            selector_output, self.seed,
+            self.input_shape, sel.backbone,
+            sel.backbone_args if sel.backbone_args is not None
+            else {} if sel.backbone == "gaussian" else {"hidden": [128]},
+            sel.output, self.seed,
         )
         self.optimizers_: list[torch.optim.Optimizer] = []
         self.expert_steps: list[int] = []  # training steps per expert
@@ -1391,5 +1516,6 @@ class TAME(StreamLearner):
                 sched.load_state_dict(s)
 
 
-__all__ = ["TAME", "ExpertPool", "GaussianRouter", "Moments", "Selector", "cubic_sparsity",
-           "global_l1_masks"]
+__all__ = ["TAME", "DetectorSettings", "ExpertSettings", "MemorySettings", "PruningSettings",
+           "SelectorSettings", "ExpertPool", "GaussianRouter", "Moments", "Selector",
+           "cubic_sparsity", "global_l1_masks"]

@@ -601,9 +601,10 @@ def test_bridge_equals_native(name, tmp_path):
     stream = split(source="digits", classes_per_segment=2, labels="local", batch_size=10,
                    test_samples_per_segment=60, **size)
     kwargs = {"Replay": {"memory_size": 100},
-              "TAME": {"lr": 0.1, "expert_output": "sigmoid", "test": "threshold",
-                       "window": 50, "grace_steps": 10, "selector_capacity": 100,
-                       "selector_epochs": 5, "retrain_epochs": 5, "retrain_capacity": 10}}[name]
+              "TAME": {"experts": {"lr": 0.1, "output": "sigmoid"},
+                       "detector": {"test": "threshold", "window": 50, "grace_steps": 10},
+                       "memory": {"selector_capacity": 100, "retrain_capacity": 10},
+                       "selector": {"epochs": 5}, "pruning": {"retrain_epochs": 5}}}[name]
     doc_n, doc_b = _native_and_bridge(getattr(strategies, name), kwargs, stream, tmp_path)
     assert doc_b["backend"] == "avalanche:StreamLearnerStrategy"
     assert doc_n["status"] == doc_b["status"] == "completed"

@@ -68,7 +68,8 @@ def test_tame_runs_on_cuda_with_identical_decisions(tmp_path):
     decisions = []
     for acc in ("cpu", "gpu"):
         learner = TAME(input_shape=st.input_shape, n_classes=st.n_classes, seed=0,
-                       backbone_args={"hidden": [64]}, prune_when="off", selector_epochs=5)
+                       backbone_args={"hidden": [64]}, pruning={"when": "off"},
+                       selector={"epochs": 5})
         _fit(learner, st, acc, tmp_path / acc)
         decisions.append((learner.shift_events(), learner.expert_ids().tolist()))
     assert decisions[0] == decisions[1]

@@ -32,8 +32,9 @@ STREAM = {"classes_per_segment": 2, "labels": "local", "batch_size": 10, "repeat
 FINETUNE = {"backbone": "conv1d", "backbone_args": {"channels": [8], "hidden": 32},
             "lr": 0.05, "seed": 0}
 TAME_KW = {"backbone": "mlp", "backbone_args": {"hidden": [32]}, "seed": 0,
-           "selector_capacity": 100, "retrain_capacity": 10, "selector_epochs": 5,
-           "retrain_epochs": 5, "window": 30, "grace_steps": 10}
+           "memory": {"selector_capacity": 100, "retrain_capacity": 10},
+           "selector": {"epochs": 5}, "pruning": {"retrain_epochs": 5},
+           "detector": {"window": 30, "grace_steps": 10}}
 
 
 def signals(n: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:

@@ -47,7 +47,8 @@ def _metrics(tmp: Path, name: str, version: int = 0) -> dict:
 
 
 # Short segments: TAME needs a short detector window to see them (and spawn experts).
-EXTRA = {"tame": ["--model.init_args.window", "5", "--model.init_args.grace_steps", "3"]}
+EXTRA = {"tame": ["--model.init_args.detector.window", "5",
+                  "--model.init_args.detector.grace_steps", "3"]}
 
 
 def _kill_and_resume(strategy: str, tmp: Path) -> dict:

@@ -157,7 +157,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _tame_run(tmp_path, batches_per_step: int, **kw):
+def _tame_run(tmp_path, batches_per_step: int, batched_forward: str = "auto"):
     """TAME on a short Split-Digits stream (5 segments, shifts found) through Lightning,
     without evaluation work."""
     import pytorch_lightning as pl
@@ -170,10 +170,11 @@ def _tame_run(tmp_path, batches_per_step: int, **kw):
     st = split(source="digits", labels="local", batch_size=10, repeats=4,
                max_samples_per_segment=200, seed=0)
     learner = TAME(**learner_kwargs(
-        st, backbone="mlp", backbone_args={"hidden": [32]}, lr=0.1, expert_output="sigmoid",
-        test="threshold", window=30, grace_steps=10, selector_capacity=120,
-        retrain_capacity=10, prune_when="off",
-        selector_schedule="end", seed=0, **kw))
+        st, backbone="mlp", backbone_args={"hidden": [32]},
+        experts={"lr": 0.1, "output": "sigmoid", "batched_forward": batched_forward},
+        detector={"test": "threshold", "window": 30, "grace_steps": 10},
+        memory={"selector_capacity": 120, "retrain_capacity": 10}, pruning={"when": "off"},
+        selector={"schedule": "end"}, seed=0))
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, num_sanity_val_steps=0,
                          enable_model_summary=False, limit_val_batches=0,

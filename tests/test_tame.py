@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,14 @@ from adaptlab.detect import ShiftDetector
 from adaptlab.evaluation import StreamEvaluator
 from adaptlab.models import build_model
 from adaptlab.strategies import TAME
-from adaptlab.strategies.tame import DecisionCore, ExpertPool, cubic_sparsity, global_l1_masks
+from adaptlab.strategies.tame import (
+    DecisionCore,
+    DetectorSettings,
+    ExpertPool,
+    SelectorSettings,
+    cubic_sparsity,
+    global_l1_masks,
+)
 from adaptlab.streams import split
 from tests.helpers import learner_kwargs
 
@@ -246,9 +254,21 @@ def test_batched_and_looped_losses_agree(kind: str) -> None:
 
 # --------------------------------------------------------------------------- gradual pruning
 
-GRADUAL = {"input_shape": (1, 8, 8), "n_classes": 10, "batch_size": 10, "prune_when": "gradual",
-           "prune_experts": 0.9, "prune_steps": 30, "prune_every": 4, "retrain_capacity": 0,
-           "backbone": "mlp", "backbone_args": {"hidden": [32]}, "prune_start": "spawn"}
+def _merged(*parts: dict) -> dict:
+    """Keyword arguments merged left to right, TAME's settings groups (dicts) field by field."""
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(
+                out.get(key), dict) else value
+    return out
+
+
+GRADUAL = {"input_shape": (1, 8, 8), "n_classes": 10, "batch_size": 10,
+           "backbone": "mlp", "backbone_args": {"hidden": [32]},
+           "memory": {"retrain_capacity": 0},
+           "pruning": {"when": "gradual", "experts": 0.9, "steps": 30, "every": 4,
+                       "start": "spawn"}}
 
 
 def _gradual_steps(learner: TAME, k: int, n: int, seed: int = 0) -> list[int]:
@@ -280,7 +300,8 @@ def test_gradual_schedule_is_monotone_and_exact() -> None:
 
 
 def test_gradual_pruning_waits_for_the_plateau() -> None:
-    learner = TAME(**{**GRADUAL, "prune_start": "plateau", "window": 20})
+    learner = TAME(**_merged(GRADUAL, {"pruning": {"start": "plateau"},
+                                       "detector": {"window": 20}}))
     learner._fast_update = True
     counts = _gradual_steps(learner, 0, 12)  # no losses committed: the window is not full
     assert counts == [0] * 12 and learner.prune_start == [-1]
@@ -300,8 +321,8 @@ def _separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("tolerance", [None, 0.0])
 def test_pruning_backs_off_when_it_would_destroy_the_expert(tolerance) -> None:
     kw = {"input_shape": (1, 8, 8), "n_classes": 2, "batch_size": 10, "backbone": "mlp",
-          "backbone_args": {"hidden": [16]}, "retrain_capacity": 200, "retrain_epochs": 30,
-          "prune_experts": 0.995, "prune_tolerance": tolerance}
+          "backbone_args": {"hidden": [16]}, "memory": {"retrain_capacity": 200},
+          "pruning": {"retrain_epochs": 30, "experts": 0.995, "tolerance": tolerance}}
     learner = TAME(**kw)
     x, y = _separable(200, 0)
     learner.retrain_buffers[0].add(x, y)
@@ -376,8 +397,8 @@ class SaveAndCrash(pl.Callback):
 
 
 # configs/tame/*_digits.yaml: the reference code's choices; `FROZEN` takes TAME's own defaults
-PAPER = {"expert_output": "sigmoid", "lr": 0.1, "test": "threshold"}
-FROZEN = {"expert_output": "logits", "lr": 0.01, "test": "mannwhitney"}
+PAPER = {"experts": {"output": "sigmoid", "lr": 0.1}, "detector": {"test": "threshold"}}
+FROZEN = {"experts": {"output": "logits", "lr": 0.01}, "detector": {"test": "mannwhitney"}}
 
 
 def _fit_doc(
@@ -389,10 +410,10 @@ def _fit_doc(
     stream = split(source="digits", labels="local", batch_size=10, repeats=10, order=order,
                    seed=0)
     dm = StreamDataModule(stream, batches_per_step=10)
-    tame_kw = {**PAPER, **tame_kw}
+    tame_kw = _merged(PAPER, {"memory": {"selector_capacity": 300, "retrain_capacity": 20},
+                              "pruning": {"experts": 0.9, "selector": 0.7}}, tame_kw)
     learner = TAME(**learner_kwargs(
-        stream, backbone="mlp", backbone_args={"hidden": [64]}, selector_capacity=300,
-        retrain_capacity=20, prune_experts=0.9, prune_selector=0.7, **tame_kw))
+        stream, backbone="mlp", backbone_args={"hidden": [64]}, **tame_kw))
     ev = StreamEvaluator(print_table=False, figures=False)
     callbacks = [ev] if crash_at is None else [ev, SaveAndCrash(crash_at, tmp_path / "stop.ckpt")]
     trainer = pl.Trainer(
@@ -431,7 +452,7 @@ def test_frozen_defaults_on_split_digits(tmp_path) -> None:
 
 def test_intermediate_evaluations_leave_decisions_unchanged(split_run, tmp_path) -> None:
     learner, _ = split_run
-    other, _ = _fit_doc(tmp_path, selector_schedule="end")
+    other, _ = _fit_doc(tmp_path, selector={"schedule": "end"})
     assert other.events == learner.events
     assert other.active_history == learner.active_history
     assert torch.equal(other.detector.window, learner.detector.window)
@@ -473,12 +494,19 @@ def test_bad_options_and_nan_losses_are_clear_errors() -> None:
 
     kw = {"input_shape": (1, 8, 8), "n_classes": 2, "batch_size": 10}
     with pytest.raises(ValueError, match="ewma_chain"):
-        TAME(**kw, ewma_chain="both")
+        TAME(**kw, detector={"ewma_chain": "both"})
     with pytest.raises(ValueError, match="on_trigger"):
-        TAME(**kw, ewma_chain="all", eval_experts="on_trigger")
+        TAME(**kw, detector={"ewma_chain": "all"}, experts={"eval_experts": "on_trigger"})
     with pytest.raises(ValueError, match="3072 input features.*network selector"):
         TAME(**{**kw, "input_shape": (3, 32, 32)})  # the default Gaussian router
-    TAME(**{**kw, "input_shape": (3, 32, 32)}, selector_backbone="mlp")
+    TAME(**{**kw, "input_shape": (3, 32, 32)}, selector=SelectorSettings(backbone="mlp"))
+    with pytest.raises(ValueError, match=r"window: TAME's settings are grouped; it is now "
+                                         r"detector\.window"):
+        TAME(**kw, window=50)  # the flat keys of the old signature, each named with its new one
+    with pytest.raises(ValueError, match="detector: unknown setting 'wndow'"):
+        TAME(**kw, detector={"wndow": 50})
+    assert TAME(**kw, detector={"window": 50}).hparams["detector"] == \
+        asdict(DetectorSettings(window=50))  # plain dicts: checkpoints load with weights_only
     learner = TAME(**kw)
     learner._fast_update = True  # step without a Trainer
     x = torch.full((10, 1, 8, 8), math.nan)
@@ -506,7 +534,8 @@ def _two_task_run(tmp_path: Path, **tame_kw) -> dict:
     source = from_arrays(*_pairs(600, 0), *_pairs(300, 1), name="pairs")
     stream = Permuted(source=source, n_segments=2, batch_size=10, repeats=3, seed=0).build()
     learner = TAME(**learner_kwargs(stream, backbone="mlp", backbone_args={"hidden": [32]},
-                                    seed=0, selector_capacity=100, retrain_capacity=50,
+                                    seed=0, memory={"selector_capacity": 100,
+                                                    "retrain_capacity": 50},
                                     **tame_kw))
     ev = StreamEvaluator(print_table=False, figures=False)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
@@ -523,7 +552,7 @@ def test_default_selector_routes_tasks_that_differ_only_in_correlation(
     """Two experts, clearly distinct; the default (Gaussian) router sends >= 97 % of test
     inputs to the right one, so class-IL stays within 0.02 of the own expert's accuracy (the
     paper's MLP selector on the selector buffer alone: 0.81 and 0.73 here)."""
-    out = _two_task_run(tmp_path, selector_moments=moments)
+    out = _two_task_run(tmp_path, selector={"moments": moments})
     assert out["n_experts"] == 2
     assert out["selector_acc"] >= 0.97
     assert out["acc_task_oracle"] >= 0.9
@@ -560,8 +589,8 @@ def test_gaussian_router_fits_closed_form_and_picks_shrinkage_by_cv() -> None:
 def test_memory_is_shared_and_the_buffers_hold_different_samples() -> None:
     """R_k keeps the items S ranks last (keys 1 - key), so S and R_k are disjoint; the
     selector trains on S and every R_k, expert k retrains on R_k and S's items of k."""
-    learner = TAME(input_shape=(8,), n_classes=2, batch_size=10, selector_capacity=40,
-                   retrain_capacity=30)
+    learner = TAME(input_shape=(8,), n_classes=2, batch_size=10,
+                   memory={"selector_capacity": 40, "retrain_capacity": 30})
     learner._spawn()
     x = _items(400, seed=3)
     y = torch.zeros(400, dtype=torch.long)
@@ -589,8 +618,10 @@ def test_pruning_that_cannot_be_verified_keeps_the_expert_dense(tmp_path) -> Non
     stream = split(source="digits", labels="local", batch_size=10, repeats=2, seed=0,
                    max_samples_per_segment=60)
     tiny = TAME(**learner_kwargs(stream, backbone="mlp", backbone_args={"hidden": [16]},
-                                 selector_capacity=10, retrain_capacity=4 * MIN_CHECK // 8,
-                                 share_memory=False, prune_when="end"))
+                                 memory={"selector_capacity": 10,
+                                         "retrain_capacity": 4 * MIN_CHECK // 8,
+                                         "share": False},
+                                 pruning={"when": "end"}))
     ev = StreamEvaluator(print_table=False, figures=False)
     pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                num_sanity_val_steps=0, enable_model_summary=False, callbacks=[ev],
@@ -599,3 +630,36 @@ def test_pruning_that_cannot_be_verified_keeps_the_expert_dense(tmp_path) -> Non
     assert not bool(tiny.pool.pruned.any())
     weights = [w for e in tiny.pool.experts for _, w in e.named_parameters() if w.dim() > 1]
     assert all(bool((w != 0).float().mean() > 0.9) for w in weights)
+
+
+def test_grouped_settings_show_one_hparams_column_each() -> None:
+    """The HPARAMS tab and run.json: one column per setting (`learner/detector.window`)."""
+    from types import SimpleNamespace
+
+    stream = split(source="digits", labels="local", batch_size=10, seed=0,
+                   max_samples_per_segment=20)
+    learner = TAME(**learner_kwargs(stream, detector={"window": 30}))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(stream=stream, batches_per_step=10))
+    hp = StreamEvaluator.hparams(trainer, learner)
+    assert hp["learner/detector.window"] == 30 and hp["learner/pruning.when"] == "end"
+    assert hp["learner/experts.lr_milestones"] == "[60, 120, 160, 230]"
+    assert not [k for k in hp if k.rsplit("/", 1)[-1] in ("detector", "experts", "memory",
+                                                          "selector", "pruning")]
+
+
+@pytest.mark.parametrize(("extra", "line"), [
+    (["--model.init_args.window", "50"], "adaptlab: error: model.init_args.window: TAME's "
+     "settings are grouped; it is now model.init_args.detector.window"),
+    (["--model.init_args.prune_experts", "0.5"], "adaptlab: error: model.init_args.prune_experts:"
+     " TAME's settings are grouped; it is now model.init_args.pruning.experts"),
+    (["--model.init_args.detector.wndow", "50"], "adaptlab: error: unrecognized arguments: "
+     "--detector.wndow=50 (`adaptlab fit --help` lists the options)"),
+], ids=["flat key", "flat prune key", "unknown key in a group"])
+def test_cli_names_the_grouped_key_in_one_line(extra, line, capsys) -> None:
+    from adaptlab.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/tame/split_digits.yaml")
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", config, *extra, "--print_config"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and err == [line]

@@ -184,14 +184,18 @@ def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Cal
         "adaptlab Replay (2x the work per step)":
             lambda: adaptlab_run(st, Replay, device, memory_size=500, **common),
     }
-    tame = {**common, "momentum": 0.0, "weight_decay": 0.0, "prune_when": "off",
-            "selector_epochs": 1, "selector_schedule": "end", "grace_steps": 10**9}
+    experts = {"lr": lr, "momentum": 0.0, "weight_decay": 0.0}
+    tame = {"backbone": backbone, "backbone_args": BACKBONES[backbone],
+            "detector": {"grace_steps": 10**9}, "pruning": {"when": "off"},
+            "selector": {"epochs": 1, "schedule": "end"}}
     for k in (1, 5, 20):
         out[f"adaptlab TAME, K={k} experts"] = (
-            lambda k=k: adaptlab_run(st, TAME, device, prepare=_with_experts(k), **tame)
+            lambda k=k: adaptlab_run(st, TAME, device, prepare=_with_experts(k),
+                                     experts=experts, **tame)
         )
     out["adaptlab TAME, K=20, eval_experts=on_trigger"] = lambda: adaptlab_run(
-        st, TAME, device, prepare=_with_experts(20), eval_experts="on_trigger", **tame)
+        st, TAME, device, prepare=_with_experts(20),
+        experts={**experts, "eval_experts": "on_trigger"}, **tame)
     return out
 
 

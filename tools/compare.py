@@ -185,9 +185,11 @@ def build_stream(spec: dict[str, Any], params: dict[str, Any]):
 def tame_memory(args: argparse.Namespace, tcfg: dict[str, Any], stream) -> dict[str, int]:
     """TAME's buffers within the baselines' memory M, at one expert per segment: a retraining
     buffer C_p per segment (its config's, at most half of M shared out) and the selector buffer
-    C_s with the rest, so C_s + segments x C_p = M."""
+    C_s with the rest, so C_s + segments x C_p = M (TAME's `memory.selector_capacity` and
+    `memory.retrain_capacity`)."""
     k = len(stream.segments)
-    c_p = min(int(tcfg["model"].get("retrain_capacity", 200)), (args.memory // 2) // k)
+    memory = tcfg["model"].get("memory") or {}
+    c_p = min(int(memory.get("retrain_capacity", 200)), (args.memory // 2) // k)
     c_s = args.memory - c_p * k
     if c_s < stream.n_classes:
         raise SystemExit(
@@ -232,7 +234,8 @@ def run_native(name: str, stream, seed: int, run_dir: Path, args: argparse.Names
     kw = {"input_shape": stream.input_shape, "n_classes": stream.n_classes,
           "batch_size": stream.batch_size, "seed": seed}
     if name == "TAME":
-        learner = strategies.TAME(**{**tcfg["model"], **tame_memory(args, tcfg, stream), **kw})
+        memory = {**(tcfg["model"].get("memory") or {}), **tame_memory(args, tcfg, stream)}
+        learner = strategies.TAME(**{**tcfg["model"], "memory": memory, **kw})
         batches_per_step = tcfg["batches_per_step"]
     else:
         extra = {"memory_size": args.memory} if name == "Replay" else {}

@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", nargs="+", default=list(DATA), choices=list(DATA))
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="TAME overrides for (b), YAML values (e.g. lr=0.05)")
+                    help="TAME overrides for (b), dotted keys, YAML values (e.g. "
+                         "experts.lr=0.05 detector.window=50)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -257,13 +258,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.part in ("tame", "all"):
         import yaml
 
-        extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+        extra: dict[str, Any] = {}
+        for key, value in (kv.split("=", 1) for kv in args.set):
+            *groups, name = key.split(".")
+            node = extra
+            for g in groups:
+                node = node.setdefault(g, {})
+            node[name] = yaml.safe_load(value)
         rows = []
         for data in args.data:
             for schedule in args.schedules:
                 for seed in args.seeds:
                     for test in args.tests:
-                        rows.append(tame_run(data, schedule, seed, **{"test": test, **extra}))
+                        detector = {"test": test, **extra.get("detector", {})}
+                        rows.append(tame_run(data, schedule, seed,
+                                             **{**extra, "detector": detector}))
                         print(json.dumps(rows[-1]), flush=True)
         out["tame"] = rows
         print_tame(rows)

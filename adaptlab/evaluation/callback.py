@@ -322,8 +322,15 @@ class StreamEvaluator(pl.Callback):
     @staticmethod
     def hparams(trainer: pl.Trainer, learner: StreamLearner) -> dict[str, Any]:
         st = trainer.datamodule.stream
-        hp = {f"learner/{k}": v for k, v in dict(learner.hparams).items()
-              if not k.startswith("_")}  # jsonargparse's _class_path, _instantiator
+        groups = getattr(learner, "settings", {})  # grouped settings (TAME's `detector`, …)
+        hp: dict[str, Any] = {}
+        for k, v in dict(learner.hparams).items():
+            if k.startswith("_"):  # jsonargparse's _class_path, _instantiator
+                continue
+            if k in groups and isinstance(v, dict):  # one column per setting: detector.window
+                hp |= {f"learner/{k}.{field}": value for field, value in v.items()}
+            else:
+                hp[f"learner/{k}"] = v
         hp |= {"learner/class": type(learner).__name__, "stream/name": st.name,
                "stream/fingerprint": st.fingerprint[:16], "stream/seed": st.seed,
                "stream/batch_size": st.batch_size, "stream/n_samples": len(st),
