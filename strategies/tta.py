@@ -376,8 +376,12 @@ class TTALearner(StreamLearner):
         return model
 
     def adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Predict on `x` (the scored prediction), then adapt; returns (logits, loss)."""
-        raise NotImplementedError
+        """Predict on `x` (the scored prediction), then adapt; returns (logits, loss). A
+        learner that adapts no weights (`adapts = False`) only predicts."""
+        if self.adapts:
+            raise NotImplementedError
+        with torch.no_grad():
+            return self.forward(x), None
 
     def params_to_adapt(self) -> list[nn.Parameter]:
         return norm_affine(self.model)
@@ -387,7 +391,7 @@ class TTALearner(StreamLearner):
 
     # -- shared -----------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        params = self.params_to_adapt()
+        params = self.params_to_adapt() if self.adapts else []
         if not params:
             return None
         return make_optimizer(self.optimizer_name, params, lr=self.lr, momentum=self.momentum,
@@ -466,13 +470,6 @@ class Source(TTALearner):
         use_test_statistics(model, alpha=0.0)  # the training statistics, in any mode
         return model.requires_grad_(False)
 
-    def configure_optimizers(self) -> None:
-        return None
-
-    @torch.no_grad()
-    def adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.model(x), None
-
 
 class BNAdapt(TTALearner):
     """Test-time normalisation: BatchNorm uses the test batch's statistics (`alpha` = 1, the
@@ -492,13 +489,6 @@ class BNAdapt(TTALearner):
     def prepare_model(self, model: nn.Module) -> nn.Module:
         use_test_statistics(model, self.alpha)
         return model
-
-    def configure_optimizers(self) -> None:
-        return None
-
-    @torch.no_grad()
-    def adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.model(x), None
 
 
 class TENT(TTALearner):
@@ -841,9 +831,6 @@ class LAME(TTALearner):
         use_test_statistics(model, alpha=0.0)  # the source model as trained
         return model.requires_grad_(False)
 
-    def configure_optimizers(self) -> None:
-        return None
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._feats.clear()
@@ -857,6 +844,3 @@ class LAME(TTALearner):
         w = 0.5 * (w + w.t())
         y = laplacian_optimization(unary, w, self.bound_lambda, self.max_steps)
         return y.clamp_min(1e-20).log()
-
-    def adapt(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.forward(x), None
