@@ -5,11 +5,19 @@
   0, as a query, its label or `y` the target — then the queries answered through it.
   Rank = the adapter's `ΔW` rank bound (`d_h`), so both hold the same rank budget.
 - **Multi-task LoRA** (MT-LoRA): one LoRA meta-trained on the seen families' queries with no
-  context (what fine-tuning on the seen tasks gives; it cannot use demonstrations).
-- **Evicting KV at equal memory**: ICL that keeps only the last `m` demos' KV, `m` the
-  number of positions whose cache fits in StreamAdapter's state (`evict_window`).
+  context (what fine-tuning on the seen tasks gives; it cannot use demonstrations). Its
+  training episodes have their own keys (`MT_LORA_KEY`), never an evaluation episode's.
+- **Evicting KV at equal memory**: ICL that keeps only `m` demos' KV, `m` the number of
+  positions whose cache fits in StreamAdapter's state (`evict_window`): the last `m`
+  (`icl_outputs(window=m)`), or the `m` most attended (`most_attended`, H2O's accumulated
+  attention score, Zhang et al. 2023), chosen while the context streams through the base.
+- **Best constant answer** (`fit_constant`): the majority label (regression: the mean `y`)
+  of each family on development episodes — what a method with no context can reach, the
+  chance line of the table (a random label map's chance is 1 / n_labels: its labels are
+  drawn per episode from the whole label block).
 
-All run on a `family_batch` and return label-block logits and reals, as `demo_curve` wants.
+All run on a `family_batch` and return label-block logits and reals, as `demo_curve` wants,
+so every method is scored by the same `predictions` / `family_skill`.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch
 from torch import nn
 
 from adaptlab.models import TinyGPT
-from adaptlab.streams.icl import FamilyVocab, family_batch
+from adaptlab.streams.icl import ALL_FAMILIES, REGRESSION, FamilyVocab, family_batch
 
 from .icl_families import family_loss, family_readout
 from .stream_adapter_nn import DEFAULT_TARGETS, _resolve_targets, _target_linear, linear_dims
@@ -160,18 +168,24 @@ def _reg_ids(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(REG_IDS, device=batch["family"].device)
 
 
+MT_LORA_KEY = 1 << 41
+"""Key offset of MT-LoRA's training episodes (evaluation keys are below 2^40)."""
+
+
 def train_mt_lora(base: TinyGPT, families: Sequence[str], vocab: FamilyVocab, size: str,
                   n_query: int, rank: int = 16, steps: int = 300, lr: float = 3e-3,
-                  per_family: int = 32, seed: int = 0,
+                  per_family: int = 16, seed: int = 0,
                   targets: str | Sequence[str] = DEFAULT_TARGETS) -> LoRA:
-    """Multi-task LoRA: one shared LoRA trained on the seen families' queries, no context."""
+    """Multi-task LoRA: one shared LoRA trained on the seen families' queries, no context;
+    `steps × per_family × len(families)` training episodes (Stage B's budget by default in
+    the bench), drawn from data seed `seed` with keys `MT_LORA_KEY + step`."""
     device = next(base.parameters()).device
     lora = LoRA(base, rank, n_ctx=1, targets=targets, seed=seed).to(device)
     opt = torch.optim.Adam(lora.parameters(), lr=lr)
     with torch.enable_grad():
         for step in range(steps):
-            b = family_batch(list(families), per_family, 0, n_query, seed + 7919, size, vocab,
-                             key=step)
+            b = family_batch(list(families), per_family, 0, n_query, seed, size, vocab,
+                             key=MT_LORA_KEY + step)
             b = {f: t.to(device) for f, t in b.items()}
             logits, reg = lora_outputs(base, lora, b, vocab)
             loss = family_loss(logits, reg, b["target"], b["family"], vocab)
@@ -190,3 +204,119 @@ def kv_bytes_per_position(base: TinyGPT) -> int:
 def evict_window(state_nbytes: int, base: TinyGPT) -> int:
     """Demos whose KV fits in `state_nbytes` (at least 1): the evicting-KV baseline's budget."""
     return max(1, state_nbytes // kv_bytes_per_position(base))
+
+
+# ----- evicting KV: the most attended demos (H2O) -------------------------------------------
+
+
+@torch.no_grad()
+def attention_received(base: TinyGPT, tokens: torch.Tensor, *,
+                       label_tokens: torch.Tensor | None = None,
+                       values: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T): the attention each position receives from the *later* positions, summed over
+    layers, heads and those positions — H2O's accumulated attention score. The probabilities
+    are recomputed from each block's own `ln1`/`qkv` on the block's input (captured by a
+    pre-hook), with the causal mask the block uses."""
+    inputs: list[torch.Tensor] = []
+    handles = [blk.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+               for blk in base.blocks]
+    try:
+        base.hidden(tokens, label_tokens=label_tokens, values=values)
+    finally:
+        for h in handles:
+            h.remove()
+    t = tokens.shape[1]
+    later = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(-1)  # query i > key j
+    causal = later | torch.eye(t, dtype=torch.bool, device=tokens.device)
+    score = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for blk, h in zip(base.blocks, inputs):
+        b, _, d = h.shape
+        q, k, _ = blk.qkv(blk.ln1(h)).split(d, dim=-1)
+        q, k = (z.view(b, t, blk.n_head, d // blk.n_head).transpose(1, 2) for z in (q, k))
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(d // blk.n_head)
+        p = logits.float().masked_fill(~causal, float("-inf")).softmax(-1)
+        score += (p * later).sum((1, 2))
+    return score
+
+
+@torch.no_grad()
+def most_attended(base: TinyGPT, batch: dict[str, torch.Tensor], m: int, window: int
+                  ) -> torch.Tensor:
+    """(B, min(k, m)) indices, in context order, of the `m` demos H2O keeps: the context
+    streams through the base in passes of at most `window` positions (the kept demos, then
+    the next new ones); each pass adds the attention every demo receives to its running
+    score, and the `m` best-scored demos are kept. At k ≤ m all demos are kept."""
+    ct, cl, cv = batch["ctx_token"], batch["ctx_label"], batch["ctx_value"]
+    n, k = ct.shape
+    dev = ct.device
+    if k <= m:
+        return torch.arange(k, device=dev).expand(n, k)
+    if window <= m:
+        raise ValueError(f"most_attended: window {window} must exceed the budget m = {m}")
+    score = torch.zeros(n, k, device=dev)
+    kept = torch.zeros(n, 0, dtype=torch.long, device=dev)
+    pos = 0
+    while pos < k:
+        new = torch.arange(pos, min(k, pos + window - kept.shape[1]), device=dev)
+        idx = torch.cat([kept, new.expand(n, len(new))], 1)
+        att = attention_received(base, ct.gather(1, idx), label_tokens=cl.gather(1, idx),
+                                 values=cv.gather(1, idx[..., None].expand(-1, -1,
+                                                                           cv.shape[-1])))
+        score.scatter_add_(1, idx, att)
+        top = score.gather(1, idx).topk(min(m, idx.shape[1]), dim=1).indices
+        kept = idx.gather(1, top).sort(1).values
+        pos += len(new)
+    return kept
+
+
+def evicted_outputs(base: TinyGPT, batch: dict[str, torch.Tensor], vocab: FamilyVocab, m: int,
+                    policy: str = "last", window: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ICL on the `m` demos an eviction policy keeps (`last` or `attended`, in context
+    order), the queries after them; `window`: the positions one pass may use (default the
+    base's, less the queries)."""
+    from .icl_families import icl_outputs
+
+    if policy == "last":
+        return icl_outputs(base, batch, vocab, window=m)
+    if policy != "attended":
+        raise ValueError(f"policy: 'last' or 'attended', got {policy!r}")
+    win = window or base.n_positions - batch["q_token"].shape[1]
+    idx = most_attended(base, batch, m, win)
+    cv = batch["ctx_value"]
+    kept = {"ctx_token": batch["ctx_token"].gather(1, idx),
+            "ctx_label": batch["ctx_label"].gather(1, idx),
+            "ctx_value": cv.gather(1, idx[..., None].expand(-1, -1, cv.shape[-1]))}
+    return icl_outputs(base, {**batch, **kept}, vocab)
+
+
+# ----- the chance line: the best constant answer ------------------------------------------
+
+
+def fit_constant(families: Sequence[str], vocab: FamilyVocab, size: str, n_query: int,
+                 seed: int, episodes: int = 512) -> dict[int, tuple[int, float]]:
+    """Per family id: the majority label's index in the label block and the mean `y`, on
+    `episodes` development episodes (data seed `seed`, MT-LoRA's keys) — the best answer
+    that ignores context and input."""
+    out = {}
+    for fam in families:
+        b = family_batch([fam], episodes, 0, n_query, seed, size, vocab, key=MT_LORA_KEY - 1)
+        t = b["target"].flatten()
+        if fam in REGRESSION:
+            out[ALL_FAMILIES.index(fam)] = (0, float(t.mean()))
+        else:
+            lab = (t.long() - vocab.label_start).clamp(0, vocab.n_labels - 1)
+            out[ALL_FAMILIES.index(fam)] = (int(torch.bincount(lab).argmax()), 0.0)
+    return out
+
+
+def constant_outputs(table: dict[int, tuple[int, float]], batch: dict[str, torch.Tensor],
+                     vocab: FamilyVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query answered with its family's constant (`fit_constant`)."""
+    n, q = batch["q_token"].shape
+    fam = batch["family"].tolist()
+    label = torch.tensor([table[f][0] for f in fam], device=batch["q_token"].device)
+    logits = torch.nn.functional.one_hot(label, vocab.n_labels).float()[:, None].expand(
+        n, q, vocab.n_labels)
+    reg = torch.tensor([table[f][1] for f in fam], device=label.device)[:, None].expand(n, q)
+    return logits, reg

@@ -10,14 +10,19 @@ from adaptlab.models import TinyGPT
 from adaptlab.strategies.icl_families import family_loss, icl_outputs, zero_shot_outputs
 from adaptlab.strategies.stream_adapter_baselines import (
     LoRA,
+    attention_received,
+    constant_outputs,
     evict_window,
+    evicted_outputs,
+    fit_constant,
     kv_bytes_per_position,
     lora_outputs,
+    most_attended,
     templora_outputs,
     train_mt_lora,
 )
 from adaptlab.strategies.stream_adapter_nn import AdaptedGPT, ContextMapper
-from adaptlab.streams.icl import FamilyVocab, family_batch, value_dim
+from adaptlab.streams.icl import ALL_FAMILIES, FamilyVocab, family_batch, value_dim
 
 VOCAB = FamilyVocab(64, 16)
 
@@ -109,3 +114,90 @@ def test_chunk_weights_reconstruct_the_state(recurrence):
         mm = ContextMapper(2, 8, 3, recurrence="ema", gate_bias=bias)
         ww = mm.chunk_weights(k, v, chunk_size=4)
         assert bool((ww[..., 0] > ww[..., -1]).all()) == first_wins
+
+
+# ----- evicting KV: the most attended demos (H2O) -------------------------------------------
+
+
+def spotlight_base(special: int, c: float = 20.0) -> TinyGPT:
+    """One layer, one head, whose every query attends (almost) only to the positions holding
+    token `special`: its embedding alone has a component along `a`, the key direction."""
+    torch.manual_seed(0)
+    d = 8
+    base = TinyGPT(vocab_size=VOCAB.size, n_positions=20, n_layer=1, d_model=d, n_head=1,
+                   d_mlp=8, pad_id=VOCAB.pad, d_value=value_dim(), reg_head=True).eval()
+    a = torch.zeros(d)
+    a[0], a[1] = 1.0, -1.0
+    with torch.no_grad():
+        base.wpe.weight.zero_()
+        base.value_in.weight.zero_()
+        base.value_in.bias.zero_()
+        base.wte.weight[:, :2] = 0.0  # LayerNorm keeps a·x = 0 for every other token
+        base.wte.weight[VOCAB.none] = 0.0
+        base.wte.weight[special] = 10.0 * a
+        blk = base.blocks[0]
+        blk.qkv.weight.zero_()
+        blk.qkv.bias.zero_()
+        blk.qkv.bias[0] = c  # q = c·e0 at every position
+        blk.qkv.weight[d] = a  # k = (LN(h)·a)·e0
+    return base
+
+
+def context(tokens: list[int]) -> dict[str, torch.Tensor]:
+    t = torch.tensor([tokens])
+    return {"ctx_token": t, "ctx_label": torch.full_like(t, VOCAB.none),
+            "ctx_value": torch.zeros(1, len(tokens), value_dim()),
+            "q_token": torch.tensor([[1]]), "q_label": torch.tensor([[VOCAB.none]]),
+            "q_value": torch.zeros(1, 1, value_dim()), "family": torch.tensor([3])}
+
+
+def test_attention_received_is_the_attention_of_later_positions():
+    """With all-zero query/key weights attention is uniform: key j of T receives
+    Σ_{i>j} 1/(i+1) per head and layer."""
+    base = tiny_base()
+    with torch.no_grad():
+        for blk in base.blocks:
+            blk.qkv.weight[: 2 * 32].zero_()
+            blk.qkv.bias[: 2 * 32].zero_()
+    b = batch(7)
+    got = attention_received(base, b["ctx_token"], label_tokens=b["ctx_label"],
+                             values=b["ctx_value"])
+    want = torch.tensor([sum(1 / (i + 1) for i in range(j + 1, 7)) for j in range(7)])
+    assert torch.allclose(got, (len(base.blocks) * 4 * want).expand_as(got), atol=1e-5)
+
+
+def test_most_attended_keeps_the_positions_the_attention_favours():
+    special = 5
+    base = spotlight_base(special)
+    tokens = [9, 10, special, 11, 12, 13, 14, special, 15, 16, 17, 18]
+    b = context(tokens)
+    # passes of 6 positions: the two spotlit demos survive every eviction
+    assert most_attended(base, b, m=2, window=6).tolist() == [[2, 7]]
+    assert most_attended(base, b, m=3, window=6)[0, :].tolist().count(2) == 1
+    # at k <= m every demo is kept; the budget must leave room for new demos
+    assert most_attended(base, context(tokens[:2]), m=2, window=6).tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="window"):
+        most_attended(base, b, m=6, window=6)
+    # the ICL answer is the one on the kept demos; `last` keeps the final two instead
+    kept = {**b, "ctx_token": b["ctx_token"][:, [2, 7]], "ctx_label": b["ctx_label"][:, [2, 7]],
+            "ctx_value": b["ctx_value"][:, [2, 7]]}
+    got = evicted_outputs(base, b, VOCAB, 2, "attended", window=6)
+    assert torch.equal(got[0], icl_outputs(base, kept, VOCAB)[0])
+    assert torch.equal(evicted_outputs(base, b, VOCAB, 2, "last")[0],
+                       icl_outputs(base, b, VOCAB, window=2)[0])
+    with pytest.raises(ValueError, match="policy"):
+        evicted_outputs(base, b, VOCAB, 2, "random")
+
+
+def test_constant_answer_is_each_familys_majority():
+    table = fit_constant(["tokcls4", "bool_conj", "linreg"], VOCAB, "tiny", 3, seed=0,
+                         episodes=256)
+    b = batch(0, families=("bool_conj", "linreg"), n=64)
+    logits, reg = constant_outputs(table, b, VOCAB)
+    conj = b["family"] == ALL_FAMILIES.index("bool_conj")
+    ones = (b["target"][conj] == VOCAB.label_start + 1).float().mean()
+    assert table[ALL_FAMILIES.index("bool_conj")][0] == int(ones > 0.5)
+    assert (logits[conj].argmax(-1) == table[ALL_FAMILIES.index("bool_conj")][0]).all()
+    assert abs(table[ALL_FAMILIES.index("linreg")][1]) < 0.1  # E[y] = 0
+    assert torch.equal(reg[~conj], torch.full_like(reg[~conj],
+                                                   table[ALL_FAMILIES.index("linreg")][1]))
