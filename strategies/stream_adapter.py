@@ -8,7 +8,8 @@ low-rank update of a frozen causal transformer, so queries run with no context i
 - `StreamAdapter` (§5, Stage B): meta-trains the adapter on episodes of the seen families and
   exports it with the base's content hash.
 - `TestTimeStreamAdapter` (§6): test-then-absorb over a context stream, resetting on a
-  `ShiftDetector` firing, on oracle segment changes (`SegmentReset`) or never.
+  `ShiftDetector` firing, on oracle segment changes (`SegmentReset`) or never. Its loop is
+  `TestThenAbsorb`, shared with the Hugging Face learner (`stream_adapter_hf.py`).
 
 Stage A (the base learning in context) is `strategies/icl_families.py`.
 """
@@ -98,27 +99,16 @@ def adapted_outputs(
     return family_readout(core.base, h, vocab)
 
 
-class _AdapterLearner(StreamLearner):
-    """What both learners share: the base's task and vocabulary, the streaming API delegated
-    to the `AdaptedGPT` core, answering packed queries, and the fast state in checkpoints."""
+class AdaptedCoreLearner(StreamLearner):
+    """A learner over an `AdaptedLM` core (TinyGPT or Hugging Face): the streaming API
+    delegated to the core, the adapter as the model size, and no merged weights in a
+    checkpoint."""
 
-    core: AdaptedGPT
-
-    def _bind(self, base_rec: dict[str, Any]) -> None:
-        self.base_record = {k: v for k, v in base_rec.items() if k != "state_dict"}
-        self.task = dict(self.base_record["task"])
-        self.vocab = FamilyVocab(self.task["n_items"], self.task["n_labels"])
-        if self.n_classes != self.vocab.size:
-            raise ValueError(f"data: vocabulary {self.n_classes} != the base's {self.vocab.size}")
+    core: AdaptedLM
 
     # -- the streaming API (spec §6), delegated to the core -----------------------------------
     def reset_state(self, batch: int = 1) -> None:
         self.core.reset_state(batch)
-
-    def absorb(self, tokens: torch.Tensor, values: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None,
-               label_tokens: torch.Tensor | None = None) -> None:
-        self.core.absorb(tokens, values, mask, label_tokens)
 
     def commit(self) -> None:
         self.core.commit()
@@ -138,6 +128,31 @@ class _AdapterLearner(StreamLearner):
 
     def model_size_modules(self) -> list[nn.Module]:
         return [self.core.mappers, self.core.absorptions]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.core.committed:
+            raise ValueError("checkpoint: the adapter is committed (merged weights); "
+                             "uncommit() before saving")
+        super().on_save_checkpoint(checkpoint)
+
+
+class _AdapterLearner(AdaptedCoreLearner):
+    """What both TinyGPT learners share: the base's task and vocabulary, absorbing with
+    TinyGPT's inputs, and answering packed queries."""
+
+    core: AdaptedGPT
+
+    def _bind(self, base_rec: dict[str, Any]) -> None:
+        self.base_record = {k: v for k, v in base_rec.items() if k != "state_dict"}
+        self.task = dict(self.base_record["task"])
+        self.vocab = FamilyVocab(self.task["n_items"], self.task["n_labels"])
+        if self.n_classes != self.vocab.size:
+            raise ValueError(f"data: vocabulary {self.n_classes} != the base's {self.vocab.size}")
+
+    def absorb(self, tokens: torch.Tensor, values: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None,
+               label_tokens: torch.Tensor | None = None) -> None:
+        self.core.absorb(tokens, values, mask, label_tokens)
 
     # -- packed queries (a context stream's samples) ------------------------------------------
     def _unpack(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +176,6 @@ class _AdapterLearner(StreamLearner):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The spec's name for answering queries from the current state (`forward`)."""
         return self(x)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.core.committed:
-            raise ValueError("checkpoint: the adapter is committed (merged weights); "
-                             "uncommit() before saving")
-        super().on_save_checkpoint(checkpoint)
 
 
 class StreamAdapter(EpisodicTraining, _AdapterLearner):
@@ -376,12 +385,96 @@ class StreamAdapter(EpisodicTraining, _AdapterLearner):
             self.core.load_stream_state(state["stream_state"])
 
 
-class TestTimeStreamAdapter(_AdapterLearner):
+class TestThenAbsorb(AdaptedCoreLearner):
+    """The test-time loop of StreamAdapter (§6), whatever the adapted LM: predict each batch
+    from the absorbed state, then absorb its labelled examples as demonstrations; no
+    optimiser, no gradients. The state resets on a core `ShiftDetector` firing on the
+    pre-absorb loss (`reset_on: detected`), at oracle segment changes (`segment`,
+    `SegmentReset`) or never (`none`: the gate forgets).
+
+    A subclass builds `core`, calls `_init_stream` and provides `forward` (answers from the
+    state), `stream_loss`, `absorb_examples` and `chance_loss` (the loss a reset state is
+    assumed to have: the detector's seed).
+    """
+
+    resets: list[int]
+    detector: ShiftDetector | None
+
+    @staticmethod
+    def check_reset_on(reset_on: str) -> None:
+        """Refuse an unknown policy (before a subclass loads its model)."""
+        if reset_on not in RESET_ON:
+            raise ValueError(f"reset_on: {reset_on!r} is not one of {RESET_ON}")
+
+    def _init_stream(self, reset_on: str, detector: dict[str, Any] | None,
+                     log_norms_every: int) -> None:
+        self.check_reset_on(reset_on)
+        self.reset_on = reset_on
+        self.detector = ShiftDetector(**(detector or {})) if reset_on == "detected" else None
+        self.log_norms_every = log_norms_every
+        self.resets = []
+        self.core.reset_state(1)
+
+    def _check_segment_callback(self) -> None:
+        if self.reset_on == "segment" and self.host_trainer is not None and not any(
+                isinstance(cb, SegmentReset) for cb in self.trainer.callbacks):
+            raise ValueError("reset_on: segment needs the SegmentReset callback "
+                             "(--trainer.callbacks+=adaptlab.strategies.SegmentReset)")
+
+    @property
+    def chance_loss(self) -> float:
+        raise NotImplementedError
+
+    def stream_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The pre-absorb loss of a batch's predictions (what the detector reads)."""
+        raise NotImplementedError
+
+    def absorb_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Absorb the labelled batch, in order, into the current state (batch 1)."""
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> None:
+        return None
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test-then-absorb: predict the batch from the state, then absorb it as demos."""
+        with torch.no_grad():
+            logits = self(x)
+            loss = self.stream_loss(logits, y)
+            if self.detector is not None and self._shift(loss):
+                self.core.reset_state(1)
+                self.resets.append(self.batch_position)
+            self.absorb_examples(x, y)
+        self._count_step()  # absorbing is this learner's update: steps, checkpoints, max_steps
+        self.__dict__["update_steps"] += 1
+        if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
+                and self.logger is not None):
+            self.logger.log_metrics(self.core.norms(), step=self.observe_steps)
+        return logits, loss
+
+    def _shift(self, loss: torch.Tensor) -> bool:
+        """The core detector on the pre-absorb loss, its window seeded with `chance_loss` at
+        creation and after each firing (the reset state answers zero-shot again)."""
+        return self.detector.update(loss, seed=self.chance_loss)
+
+    def shift_events(self) -> list[int]:
+        return list(self.resets)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"resets": self.resets, "stream_state": self.core.stream_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.resets = list(state.get("resets", []))
+        if state.get("stream_state") is not None:
+            self.core.load_stream_state(state["stream_state"])
+
+
+class TestTimeStreamAdapter(_AdapterLearner, TestThenAbsorb):
     """StreamAdapter at test time on a context stream (§6): the `StreamLearner` contract.
 
     `observe(x, y)` predicts the labelled examples of a `streams.icl.ContextStream` from the
-    current state, then absorbs them as demonstrations; no optimiser, no gradients. The
-    adapter comes from a Stage B export (`adapter:`), whose base must match.
+    current state, then absorbs them as demonstrations (`TestThenAbsorb`). The adapter comes
+    from a Stage B export (`adapter:`), whose base must match.
 
     Args:
         base: the Stage A export the adapter was trained on (its hash is checked).
@@ -402,9 +495,8 @@ class TestTimeStreamAdapter(_AdapterLearner):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if reset_on not in RESET_ON:
-            raise ValueError(f"reset_on: {reset_on!r} is not one of {RESET_ON}")
-        self.base_path, self.reset_on = base, reset_on
+        self.check_reset_on(reset_on)
+        self.base_path = base
         if not adapter:
             raise ValueError("adapter: the test-time StreamAdapter needs a Stage B export "
                              "(adapter: …)")
@@ -416,10 +508,7 @@ class TestTimeStreamAdapter(_AdapterLearner):
                 f"data: samples of shape {self.input_shape} are not packed examples of the "
                 f"base's size {self.task['size']!r} ({2 + value_dim(self.task['size'])} "
                 "values); use a streams.icl.ContextStream of that size")
-        self.detector = ShiftDetector(**(detector or {})) if reset_on == "detected" else None
-        self.log_norms_every = log_norms_every
-        self.resets: list[int] = []
-        self.core.reset_state(1)
+        self._init_stream(reset_on, detector, log_norms_every)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self.host_trainer is not None else None
@@ -431,35 +520,16 @@ class TestTimeStreamAdapter(_AdapterLearner):
             if key in params and params[key] != self.task[key]:
                 raise ValueError(f"data.stream.{key}: {params[key]!r}, the adapter's base was "
                                  f"trained with {self.task[key]!r}")
-        if self.reset_on == "segment" and self.host_trainer is not None and not any(
-                isinstance(cb, SegmentReset) for cb in self.trainer.callbacks):
-            raise ValueError("reset_on: segment needs the SegmentReset callback "
-                             "(--trainer.callbacks+=adaptlab.strategies.SegmentReset)")
+        self._check_segment_callback()
 
-    def configure_optimizers(self) -> None:
-        return None
+    @property
+    def chance_loss(self) -> float:
+        """ln L: the loss of a uniform guess over the L labels."""
+        return math.log(self.vocab.n_labels)
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test-then-absorb: predict the batch from the state, then absorb it as demos."""
-        with torch.no_grad():
-            logits = self(x)
-            lo, hi = self.vocab.label_start, self.vocab.xvec
-            loss = F.cross_entropy(logits[:, lo:hi], y - lo)
-            if self.detector is not None and self._shift(loss):
-                self.core.reset_state(1)
-                self.resets.append(self.batch_position)
-            self.absorb_examples(x, y)
-        self._count_step()  # absorbing is this learner's update: steps, checkpoints, max_steps
-        self.__dict__["update_steps"] += 1
-        if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
-                and self.logger is not None):
-            self.logger.log_metrics(self.core.norms(), step=self.observe_steps)
-        return logits, loss
-
-    def _shift(self, loss: torch.Tensor) -> bool:
-        """The core detector on the pre-absorb loss, its window seeded with the zero-shot loss
-        ln L at creation and after each firing (the reset state answers zero-shot again)."""
-        return self.detector.update(loss, seed=math.log(self.vocab.n_labels))
+    def stream_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.vocab.label_start, self.vocab.xvec
+        return F.cross_entropy(logits[:, lo:hi], y - lo)
 
     def absorb_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Absorb labelled stream samples (packed `x` (B, 2 + dv), label ids `y`) as B demos,
@@ -468,17 +538,6 @@ class TestTimeStreamAdapter(_AdapterLearner):
         demo_values = values.clone()
         demo_values[:, -1] = 1.0  # has_y (label families carry y in the label token)
         self.core.absorb(tokens[None], demo_values[None], label_tokens=y[None])
-
-    def shift_events(self) -> list[int]:
-        return list(self.resets)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"resets": self.resets, "stream_state": self.core.stream_state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.resets = list(state.get("resets", []))
-        if state.get("stream_state") is not None:
-            self.core.load_stream_state(state["stream_state"])
 
 
 class SegmentReset(pl.Callback):
@@ -493,8 +552,9 @@ class SegmentReset(pl.Callback):
         self.change = SegmentChange()  # the core segment-change oracle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not isinstance(pl_module, TestTimeStreamAdapter) or pl_module.reset_on != "segment":
-            raise ValueError("SegmentReset: needs a TestTimeStreamAdapter with reset_on: segment")
+        if not isinstance(pl_module, TestThenAbsorb) or pl_module.reset_on != "segment":
+            raise ValueError("SegmentReset: needs a test-time StreamAdapter (TestThenAbsorb) "
+                             "with reset_on: segment")
         pl_module.hparams["oracle_segment_info"] = True
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
