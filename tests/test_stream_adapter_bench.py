@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from adaptlab.models import TinyGPT
@@ -128,26 +129,49 @@ def test_missing_adapter_is_one_line_error(tmp_path: Path) -> None:
 
 
 def test_baselines_add_the_protocol_table_and_cost_rows(tmp_path: Path, capsys) -> None:
-    """`--baselines`: evicting KV, TempLoRA and MT-LoRA on the same episodes, the protocol
-    table over two evaluation seeds, and a cost row per method."""
+    """`--baselines`: evicting KV (last, most attended), TempLoRA, MT-LoRA and the best
+    constant on the same episodes, the protocol table over two evaluation seeds, a cost row
+    per method; `--combine` over training seeds."""
     adapters = write_exports(tmp_path)[:1]  # regression: linreg seen, sparse_linreg unseen
-    doc = bench.main(["--adapters", *adapters, "--quick", "--episodes", "4", "--reps", "2",
-                      "--baselines", "--seeds", "4321", "7", "--templora-steps", "3",
-                      "--mt-lora-steps", "3", "--out", str(tmp_path / "b")])
+    common = ["--adapters", *adapters, "--quick", "--episodes", "4", "--reps", "2",
+              "--baselines", "--seeds", "4321", "7", "--templora-steps", "3",
+              "--mt-lora-steps", "3"]
+    doc = bench.main([*common, "--out", str(tmp_path / "b")])
     printed = capsys.readouterr().out
     assert "## The paper's protocol" in printed and "| **seen avg** | seen | TempLoRA |" in printed
+    assert "exactly the same episodes" in printed
     skill = doc["skill"]
-    for method in ("evicting KV", "TempLoRA", "MT-LoRA"):
+    for method in bench.BASELINES:
         assert set(skill[method]) == {"linreg", "sparse_linreg"}
     # at k = 0 TempLoRA has nothing to train on and evicting KV holds nothing: zero-shot
     assert skill["TempLoRA"]["linreg"][0] == skill["zero-shot"]["linreg"][0]
-    # evicting KV keeps the last m demos: at k <= m it is ICL
-    m = doc["protocol"]["cost"][1]["held_nbytes"] // (2 * 2 * 16 * 4)
-    assert skill["evicting KV"]["linreg"][1] == skill["ICL"]["linreg"][1] and m >= 1
+    # both evictions keep every demo at k <= m: ICL
+    m = doc["protocol"]["settings"][adapters[0]]["evict_m"]
+    assert m >= 1 and doc["protocol"]["cost"][1]["held_nbytes"] == min(4, m) * 2 * 2 * 16 * 4
+    for ev in (bench.EVICT_LAST, bench.EVICT_ATT):
+        assert skill[ev]["linreg"][1] == skill["ICL"]["linreg"][1]
     assert len(doc["protocol"]["skill"]) == 2
     methods = {r["method"] for r in doc["protocol"]["cost"]}
-    assert methods == {"StreamAdapter", "evicting KV", "TempLoRA", "MT-LoRA"}
-    # --combine: the protocol table over runs (one per seed, run apart)
+    assert methods == {"StreamAdapter", *bench.BASELINES} - {"best constant"}
+    # every method saw the same batches: one digest per evaluation seed, all methods checked
+    eps = doc["protocol"]["episodes"]
+    assert set(eps) == {"4321", "7"}
+    assert set(bench.PROTOCOL_METHODS) <= set(eps["7"][adapters[0]]["methods"])
+    assert eps["7"][adapters[0]]["digest"] != eps["4321"][adapters[0]]["digest"]
+    # --combine, one training seed: mean ± sd over the evaluation seeds of the runs
     text = bench.combine([str(tmp_path / "b.json"), str(tmp_path / "b.json")],
                          str(tmp_path / "c.md"))
     assert "4 evaluation seeds" in text and (tmp_path / "c.md").read_text() == text
+    assert "identical in every run" in text
+    # a second training seed (its MT-LoRA data seed differs): sd over training seeds
+    bench.main([*common, "--training-seed", "1", "--out", str(tmp_path / "b1")])
+    text = bench.combine([str(tmp_path / "b.json"), str(tmp_path / "b1.json")], None)
+    assert "training seeds [0, 1] (each the mean over its evaluation seeds [7, 4321])" in text
+
+
+def test_a_method_given_other_episodes_is_an_error() -> None:
+    same = {"A": {(0, 4): ["x", "y"]}, "B": {(0, 4): ["x", "y"], (0, 16): ["z"]}}
+    assert bench.same_episodes(same)["cells"] == 2
+    other = {"A": {(0, 4): ["x", "y"]}, "B": {(0, 4): ["x", "q"]}}
+    with pytest.raises(RuntimeError, match="B saw other episodes"):
+        bench.same_episodes(other)

@@ -18,12 +18,18 @@ The benchmark of docs/methods/stream_adapter.md. For every Stage B export (`--ad
   the tiny criterion (within 0.15 of ICL at W off the label maps), where SA ≥ ICL by k, and
   C1–C4 from the cost table; wall-clock claims on a shared CPU are indicative only.
 - **Baselines** (`--baselines`, the paper's; `strategies/stream_adapter_baselines.py`):
-  `evicting KV` (ICL keeping the last m demos, m the positions whose KV fits in the
-  adapter's state), `TempLoRA` (a fresh LoRA per context trained on its demos, rank `d_h` =
-  the adapter's ΔW rank bound) and `MT-LoRA` (one LoRA trained on the seen families with no
-  context), each with a cost row; and the protocol table SA vs ICL vs TempLoRA vs MT-LoRA vs
-  evicting KV at k ∈ {4, W, 4W, 16W} over `--seeds` evaluation seeds. Off by default: the
-  tables above do not change.
+  `evicting KV (last)` and `evicting KV (most attended)` (ICL keeping m demos, m the
+  positions whose KV fits in the adapter's state: the last m, or the m with the highest
+  H2O accumulated attention), `TempLoRA` (a fresh LoRA per context trained on its demos,
+  rank `d_h` = the adapter's ΔW rank bound), `MT-LoRA` (one LoRA trained on the seen
+  families with no context, Stage B's number of episodes by default) and `best constant`
+  (each family's majority answer: the chance line of a method without context), each with
+  a cost row; and the protocol table at k ∈ {4, W, 4W, 16W} over `--seeds` evaluation seeds.
+  TempLoRA's steps/lr and MT-LoRA's rank/lr default to the values
+  `tools/stream_adapter_baseline_tune.py` chose on development episodes. Every method's
+  episodes are digested and checked equal per (family, k). One run is one training seed's
+  (base, adapter) pair (`--base`, `--adapters`, `--training-seed`); `--combine` gives
+  mean ± sd over the runs' training seeds. Off by default: the tables above do not change.
 - **Cost** (one context, batch 1, `--latency-ks`): absorption ms per demo, commit time, the
   latency of one single-query forward with merged weights (committed) and through the side
   branch, `state_nbytes` and the encoder cache held between queries. ICL needs k + 1
@@ -40,6 +46,7 @@ Writes `<out>.md` (what is printed), `<out>.json` (every number), `<out>_skill.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -68,9 +75,13 @@ from adaptlab.strategies.icl_families import (
 from adaptlab.strategies.stream_adapter import AdaptedGPT, adapted_outputs, load_adapter
 from adaptlab.strategies.stream_adapter_baselines import (
     LoRA,
+    constant_outputs,
     evict_window,
+    evicted_outputs,
+    fit_constant,
     kv_bytes_per_position,
     lora_outputs,
+    most_attended,
     templora_outputs,
     train_mt_lora,
 )
@@ -86,8 +97,14 @@ SWEEP_KS = (0, 1, 2, 4, 8, 16, 64, 256)
 LATENCY_KS = (4, 16, 64, 256, 1024, 4096)
 QUICK_LATENCY_KS = (4, 16, 64)
 METHODS = ("zero-shot", "ICL", "truncated ICL", "StreamAdapter")
-BASELINES = ("evicting KV", "TempLoRA", "MT-LoRA")  # --baselines (issue 18)
-PROTOCOL_METHODS = ("StreamAdapter", "ICL", "TempLoRA", "MT-LoRA", "evicting KV")
+EVICT_LAST, EVICT_ATT = "evicting KV (last)", "evicting KV (most attended)"
+BASELINES = (EVICT_LAST, EVICT_ATT, "TempLoRA", "MT-LoRA", "best constant")  # issue 18
+PROTOCOL_METHODS = ("StreamAdapter", "ICL", "TempLoRA", "MT-LoRA", EVICT_LAST, EVICT_ATT,
+                    "best constant")
+# chosen by tools/stream_adapter_baseline_tune.py on development episodes (dev seed 777)
+TEMPLORA_STEPS, TEMPLORA_LR = 20, 1e-2
+MT_LORA_RANK, MT_LORA_LR = 16, 3e-3
+DEV_SEED = 777
 TINY_FAMILIES = ("linreg", "sparse_linreg", "logreg", "bool_conj", "bool_disj")  # not label maps
 Curve = dict[str, dict[int, dict[str, float]]]
 
@@ -159,9 +176,10 @@ def sweep_ks(window: int, quick: bool) -> list[int]:
 
 
 def skill_curves(exp: Export, ks: Sequence[int], episodes: int, seed: int, device: str,
-                 t0: float, baselines: dict[str, tuple[Callable, list[int]]] | None = None
-                 ) -> dict[str, Curve]:
-    """`curves[method][family][k]` on the same episodes for every method."""
+                 t0: float, baselines: dict[str, tuple[Callable, list[int]]] | None = None,
+                 episodes_out: dict[str, Any] | None = None) -> dict[str, Curve]:
+    """`curves[method][family][k]` on the same episodes for every method (checked: a method
+    given other batches is an error; `episodes_out[adapter]` gets the digest)."""
     w, vocab, fams = exp.window, exp.vocab, [*exp.seen, *exp.unseen]
     common = {"episodes": episodes, "n_query": exp.task["n_query"], "seed": seed,
               "size": exp.task["size"], "vocab": vocab, "device": device}
@@ -175,14 +193,46 @@ def skill_curves(exp: Export, ks: Sequence[int], episodes: int, seed: int, devic
     if baselines is not None:
         runs.update(baselines)
     curves: dict[str, Curve] = {}
+    digests: dict[str, dict[tuple[int, int], list[str]]] = {}
     for method, (predict, mks) in runs.items():
         log(f"skill: {exp.name}, {method}, k = {mks}", t0)
-        curves[method] = demo_curve(predict, fams, mks, **common) if mks else {f: {} for f in fams}
+        seen_batches = digests.setdefault(method, {})
+        curves[method] = (demo_curve(_digesting(predict, seen_batches), fams, mks, **common)
+                          if mks else {f: {} for f in fams})
     exp.core.reset_state(1)
+    checked = same_episodes(digests)
+    if episodes_out is not None:
+        episodes_out[exp.path] = checked
     for f in fams:  # truncated ICL at k = W is ICL: the line starts where ICL's ends
         if w in curves["ICL"][f]:
             curves["truncated ICL"][f] = {w: curves["ICL"][f][w], **curves["truncated ICL"][f]}
     return curves
+
+
+def _digesting(predict: Callable, into: dict[tuple[int, int], list[str]]) -> Callable:
+    """`predict`, recording a digest of every batch it is given under (family id, k)."""
+    def wrapped(b: dict[str, torch.Tensor]) -> Any:
+        h = hashlib.sha256()
+        for name in sorted(b):
+            h.update(name.encode())
+            h.update(b[name].detach().cpu().contiguous().numpy().tobytes())
+        into.setdefault((int(b["family"][0]), b["ctx_token"].shape[1]), []).append(h.hexdigest())
+        return predict(b)
+    return wrapped
+
+
+def same_episodes(digests: dict[str, dict[tuple[int, int], list[str]]]) -> dict[str, Any]:
+    """Check that every method saw the same batches at every (family, k) it ran; one digest
+    of all of them (equal across runs on the same evaluation seed and families)."""
+    by_cell: dict[tuple[int, int], list[str]] = {}
+    for method, cells in digests.items():
+        for cell, ds in cells.items():
+            if cell in by_cell and by_cell[cell] != ds:
+                raise RuntimeError(f"{method} saw other episodes at (family, k) = {cell}")
+            by_cell.setdefault(cell, ds)
+    h = hashlib.sha256(json.dumps(sorted((list(c), d) for c, d in by_cell.items())).encode())
+    return {"digest": h.hexdigest()[:16], "cells": len(by_cell),
+            "methods": sorted(m for m, c in digests.items() if c)}
 
 
 @torch.no_grad()
@@ -343,7 +393,8 @@ def cost_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class Baselines:
-    """The baselines of one export: MT-LoRA trained once, the evicting-KV budget, ranks."""
+    """The baselines of one export: MT-LoRA trained once, the evicting-KV budget, ranks, the
+    best constant answer."""
 
     mt_lora: LoRA
     evict_m: int
@@ -351,33 +402,59 @@ class Baselines:
     templora_steps: int
     templora_lr: float
     mt_lora_s: float
+    mt_lora_info: dict[str, Any]
+    constant: dict[int, tuple[int, float]]
 
     def runs(self, exp: Export, ks: Sequence[int]) -> dict[str, tuple[Callable, list[int]]]:
-        vocab = exp.vocab
+        vocab, m = exp.vocab, self.evict_m
         return {
-            "evicting KV": (lambda b: icl_outputs(exp.base, b, vocab, window=self.evict_m),
-                            list(ks)),
+            EVICT_LAST: (lambda b: evicted_outputs(exp.base, b, vocab, m, "last"), list(ks)),
+            EVICT_ATT: (lambda b: evicted_outputs(exp.base, b, vocab, m, "attended"), list(ks)),
             "TempLoRA": (lambda b: templora_outputs(exp.base, b, vocab, rank=self.rank,
                                                     steps=self.templora_steps,
                                                     lr=self.templora_lr), list(ks)),
             "MT-LoRA": (lambda b: lora_outputs(exp.base, self.mt_lora, b, vocab), list(ks)),
+            "best constant": (lambda b: constant_outputs(self.constant, b, vocab), list(ks)),
         }
+
+
+def training_seed(exp: Export, args: argparse.Namespace) -> int:
+    """The run's training seed: `--training-seed`, else the Stage B learner seed recorded."""
+    return int(args.training_seed if args.training_seed is not None
+               else exp.record.get("seed", 0))
 
 
 def build_baselines(exp: Export, args: argparse.Namespace, t0: float) -> Baselines:
     rank = exp.core.mappers[str(exp.core.layer_ids[0])].d_head  # ΔW's rank bound
-    log(f"baselines: {exp.name}, MT-LoRA rank {rank}, {args.mt_lora_steps} steps", t0)
+    steps = args.mt_lora_steps if args.mt_lora_steps is not None else int(
+        exp.record.get("steps") or 0)
+    seed = training_seed(exp, args)
+    info = {"rank": args.mt_lora_rank, "lr": args.mt_lora_lr, "steps": steps,
+            "per_family": args.mt_lora_per_family, "data_seed": seed,
+            "episodes": steps * args.mt_lora_per_family * len(exp.seen)}
+    log(f"baselines: {exp.name}, MT-LoRA {info}", t0)
     start = time.perf_counter()
     mt = train_mt_lora(exp.base, exp.seen, exp.vocab, exp.task["size"], exp.task["n_query"],
-                       rank=rank, steps=args.mt_lora_steps, seed=args.seed)
+                       rank=args.mt_lora_rank, steps=steps, lr=args.mt_lora_lr,
+                       per_family=args.mt_lora_per_family, seed=seed)
+    mt_s = time.perf_counter() - start
+    const = fit_constant([*exp.seen, *exp.unseen], exp.vocab, exp.task["size"],
+                         exp.task["n_query"], DEV_SEED)
     return Baselines(mt, evict_window(exp.core.state_nbytes, exp.base), rank,
-                     args.templora_steps, args.templora_lr, time.perf_counter() - start)
+                     args.templora_steps, args.templora_lr, mt_s, info, const)
 
 
 def baseline_cost(exp: Export, bl: Baselines, ks: Sequence[int], reps: int, device: str,
                   seed: int) -> list[dict[str, Any]]:
-    """Per method and k (batch 1): query ms, bytes held between queries, adaptation ms/demo."""
+    """Per method and k (batch 1): query ms, bytes held between queries, adaptation ms/demo.
+
+    Adaptation: SA's absorption; most-attended eviction's scoring passes (the last-m policy
+    needs none); TempLoRA's training (median of 3). Held: SA's state; the kept demos' KV
+    (most attended: plus their float32 scores); one context's LoRA factors (TempLoRA's Adam
+    moments, twice that, live only while it trains)."""
     vocab, task, core = exp.vocab, exp.task, exp.core
+    n_pos = exp.base.n_positions - task["n_query"]  # the passes of the skill runs
+    tl_lora = LoRA(exp.base, bl.rank, n_ctx=1).to(device)  # TempLoRA's rank, for its query
     rows = []
     for k in ks:
         b = family_batch([exp.seen[0]], 1, k, 1, seed, task["size"], vocab, key=4242)
@@ -398,26 +475,61 @@ def baseline_cost(exp: Export, bl: Baselines, ks: Sequence[int], reps: int, devi
                              values=b["ctx_value"][:, k - m:])[1] if m else None
         ev_q = median_ms(lambda kv=kv, q=q: exp.base.hidden(
             q[0], label_tokens=q[2], values=q[1], past_kv=kv), reps, device, budget_s=1.0)
-        t = time.perf_counter()
-        templora_outputs(exp.base, b, vocab, rank=bl.rank, steps=bl.templora_steps,
-                         lr=bl.templora_lr)
-        tl_ms = (time.perf_counter() - t) * 1e3
-        lora_q = median_ms(lambda b=b: lora_outputs(exp.base, bl.mt_lora, b, vocab), reps,
-                           device, budget_s=1.0)
-        per = bl.mt_lora.nbytes_per_context
+        att_ms = median_ms(lambda b=b: most_attended(exp.base, b, bl.evict_m, n_pos), 5, device,
+                           budget_s=1.0, min_reps=3)
+        tl_ms = median_ms(lambda b=b: templora_outputs(
+            exp.base, b, vocab, rank=bl.rank, steps=bl.templora_steps, lr=bl.templora_lr), 3,
+            device, budget_s=1.0, min_reps=1)
+        mt_q = median_ms(lambda b=b: lora_outputs(exp.base, bl.mt_lora, b, vocab), reps,
+                         device, budget_s=1.0)
+        tl_q = median_ms(lambda b=b: lora_outputs(exp.base, tl_lora, b, vocab), reps,
+                         device, budget_s=1.0)
+        kv_b = m * kv_bytes_per_position(exp.base)
         rows += [
             {"method": "StreamAdapter", "k": k, "query_ms": sa_q, "held_nbytes": core.state_nbytes,
              "adapt_ms_per_demo": absorb_ms / k},
-            {"method": "evicting KV", "k": k, "query_ms": ev_q,
-             "held_nbytes": m * kv_bytes_per_position(exp.base),
+            {"method": EVICT_LAST, "k": k, "query_ms": ev_q, "held_nbytes": kv_b,
              "adapt_ms_per_demo": None},
-            {"method": "TempLoRA", "k": k, "query_ms": lora_q, "held_nbytes": per,
-             "adapt_ms_per_demo": tl_ms / k},
-            {"method": "MT-LoRA", "k": k, "query_ms": lora_q, "held_nbytes": per,
-             "adapt_ms_per_demo": 0.0},
+            {"method": EVICT_ATT, "k": k, "query_ms": ev_q, "held_nbytes": kv_b + 4 * m,
+             "adapt_ms_per_demo": att_ms / k},
+            {"method": "TempLoRA", "k": k, "query_ms": tl_q,
+             "held_nbytes": tl_lora.nbytes_per_context, "adapt_ms_per_demo": tl_ms / k},
+            {"method": "MT-LoRA", "k": k, "query_ms": mt_q,
+             "held_nbytes": bl.mt_lora.nbytes_per_context, "adapt_ms_per_demo": None},
         ]
+    tl_lora.remove()
     core.reset_state(1)
     return rows
+
+
+def protocol_caption(n_episodes: int, eval_seeds: Sequence[int], bl: dict[str, Any],
+                     episodes: dict[int, dict[str, Any]] | None, train_seeds: Sequence[int],
+                     over: str = "evaluation seeds") -> str:
+    """What the protocol table holds, for the bench and `--combine`."""
+    digests = ""
+    if episodes:
+        digests = "; ".join(f"eval seed {s}: " + ", ".join(sorted({d["digest"] for d in
+                                                                    v.values()}))
+                            for s, v in episodes.items())
+        digests = f" (episode digests {digests})"
+    mt = bl["mt_lora"]
+    return (f"Skill (regression max(0, 1 − nMSE)), {n_episodes} episodes per cell, mean ± sd "
+            f"over {over}; training seed(s) {list(train_seeds)}, evaluation seeds "
+            f"{list(eval_seeds)}. Every method ran on exactly the same episodes per (family, "
+            f"k) — checked by a digest of every batch each method was given{digests}. ICL "
+            f"holds k ≤ W demos; evicting KV keeps {bl['evict_m']} demos (their KV fits in the "
+            "adapter state's bytes; re-encoded from position 0): the last ones, or the most "
+            "attended (H2O accumulated attention, the context streamed in passes of W "
+            f"positions); TempLoRA: rank {bl['rank']} (the adapter's d_h), "
+            f"{bl['templora_steps']} Adam steps (lr {bl['templora_lr']:g}) per context on its "
+            "demos asked alone; MT-LoRA: "
+            f"rank {mt['rank']}, lr {mt['lr']:g}, {mt['steps']} steps × {mt['per_family']} "
+            f"episodes per seen family ({mt['episodes']:,} episodes), no context; the settings "
+            "of both chosen on development episodes (seen families, dev seed "
+            f"{DEV_SEED}: tools/stream_adapter_baseline_tune.py); best constant: each family's "
+            "majority label (regression: mean y) on development episodes — the chance line "
+            "of any method without context (random label maps: 1 / n_labels, their labels "
+            "are drawn per episode from the whole label block).")
 
 
 def protocol_table(per_seed: list[dict[str, Curve]], fams: dict[str, dict[str, Any]],
@@ -765,13 +877,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 16 episodes, k ∈ {0, 1, 4, W, 4W}, latency k 4 16 64")
     ap.add_argument("--baselines", action="store_true",
-                    help="add evicting KV, TempLoRA and MT-LoRA and the protocol table")
+                    help="add evicting KV (last, most attended), TempLoRA, MT-LoRA and the "
+                    "best constant, and the protocol table")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="with --baselines: evaluation seeds of the protocol table (default: "
                     "--seed)")
-    ap.add_argument("--templora-steps", type=int, default=20)
-    ap.add_argument("--templora-lr", type=float, default=1e-2)
-    ap.add_argument("--mt-lora-steps", type=int, default=300)
+    ap.add_argument("--training-seed", type=int, default=None,
+                    help="with --baselines: this run's training seed (its base and adapter; "
+                    "MT-LoRA's data seed); default the adapter's recorded learner seed")
+    ap.add_argument("--templora-steps", type=int, default=TEMPLORA_STEPS)
+    ap.add_argument("--templora-lr", type=float, default=TEMPLORA_LR)
+    ap.add_argument("--mt-lora-steps", type=int, default=None,
+                    help="default: the adapter's Stage B steps (the same number of episodes "
+                    "with --mt-lora-per-family = Stage B's per_family)")
+    ap.add_argument("--mt-lora-per-family", type=int, default=16)
+    ap.add_argument("--mt-lora-rank", type=int, default=MT_LORA_RANK)
+    ap.add_argument("--mt-lora-lr", type=float, default=MT_LORA_LR)
     ap.add_argument("--out", default=DEFAULT_OUT,
                     help="output prefix: <out>.md, <out>.json, <out>_skill.png, <out>_cost.png")
     args = ap.parse_args(argv)
@@ -803,6 +924,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     all_ks: set[int] = set()
     bls: dict[str, Baselines] = {}
     protocol: list[dict[str, Curve]] = []
+    episodes: dict[int, dict[str, Any]] = {args.seed: {}}  # eval seed -> adapter -> digest
     for exp in exports:
         ks = sweep_ks(exp.window, args.quick)
         if args.baselines:  # the protocol table's k ∈ {4, W, 4W, 16W}, also with --quick
@@ -814,7 +936,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
             bls[exp.path] = build_baselines(exp, args, t0)
             extra = bls[exp.path].runs(exp, ks)
         with torch.no_grad():
-            got = skill_curves(exp, ks, args.episodes, args.seed, args.device, t0, extra)
+            got = skill_curves(exp, ks, args.episodes, args.seed, args.device, t0, extra,
+                               episodes[args.seed])
         for fam in [*exp.seen, *exp.unseen]:
             if fam in fams:
                 raise ValueError(f"--adapters: family {fam!r} is evaluated by two exports; "
@@ -827,12 +950,13 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         protocol.append(curves)
         for seed in [s for s in (args.seeds or [args.seed]) if s != args.seed]:
             more: dict[str, Curve] = {m: {} for m in PROTOCOL_METHODS}
+            episodes[seed] = {}
             for exp in exports:
                 w = exp.window
                 pks = sorted({4, w, 4 * w, 16 * w})
                 with torch.no_grad():
                     got = skill_curves(exp, pks, args.episodes, seed, args.device, t0,
-                                       bls[exp.path].runs(exp, pks))
+                                       bls[exp.path].runs(exp, pks), episodes[seed])
                 for m in PROTOCOL_METHODS:
                     for fam in got[m]:
                         more[m][fam] = got[m][fam]
@@ -894,22 +1018,20 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     bl_cost: list[dict[str, Any]] = []
     if args.baselines:
         e0w = windows[0]
+        b0 = next(iter(bls.values()))
+        bl0 = {"evict_m": b0.evict_m, "rank": b0.rank, "templora_steps": b0.templora_steps,
+               "templora_lr": b0.templora_lr, "mt_lora": b0.mt_lora_info}
         lines += ["", "## The paper's protocol: SA vs ICL vs TempLoRA vs MT-LoRA vs evicting KV",
-                  "", f"Skill (regression max(0, 1 − nMSE)), {args.episodes} episodes per cell, "
-                  f"mean ± sd over evaluation seeds {args.seeds or [args.seed]}. ICL holds k ≤ W "
-                  "demos; evicting KV the last "
-                  + ", ".join(f"{b.evict_m}" for b in bls.values())
-                  + " (the adapter state's bytes); TempLoRA: rank "
-                  + ", ".join(f"{b.rank}" for b in bls.values())
-                  + f", {args.templora_steps} Adam steps (lr {args.templora_lr}) per context; "
-                  f"MT-LoRA: same rank, {args.mt_lora_steps} steps on the seen families, no "
-                  "context.", "", *protocol_table(protocol, fams, e0w)]
+                  "", protocol_caption(args.episodes, args.seeds or [args.seed], bl0,
+                                       episodes, [training_seed(e, args) for e in exports]),
+                  "", *protocol_table(protocol, fams, e0w)]
         for exp in exports:
             bl_cost += baseline_cost(exp, bls[exp.path], [4, e0w, 16 * e0w], args.reps,
                                      args.device, args.seed)
-        lines += ["", "Cost per method (batch 1; TempLoRA and MT-LoRA queried through the "
-                  "unmerged LoRA; MT-LoRA is trained once, offline: "
-                  + ", ".join(f"{b.mt_lora_s:.0f} s" for b in bls.values()) + "):", "",
+        lines += ["", "Cost per method (batch 1, one query; TempLoRA and MT-LoRA queried "
+                  "through the unmerged LoRA; MT-LoRA is trained once, offline: "
+                  + ", ".join(f"{b.mt_lora_s:.0f} s" for b in bls.values()) + "; adaptation "
+                  "— : none at test time). Held: what stays in memory between queries.", "",
                   *baseline_cost_table(bl_cost)]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
@@ -931,30 +1053,87 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
               "families": fams, "skill": curves, "a0": a0, "claims": claims, "cost": costs}
     if args.baselines:
         result["protocol"] = {"seeds": args.seeds or [args.seed], "skill": protocol,
-                              "cost": bl_cost}
+                              "cost": bl_cost, "episodes": {str(k): v for k, v in
+                                                            episodes.items()},
+                              "training_seeds": [training_seed(e, args) for e in exports],
+                              "settings": {e.path: {
+                                  "evict_m": bls[e.path].evict_m, "rank": bls[e.path].rank,
+                                  "templora_steps": bls[e.path].templora_steps,
+                                  "templora_lr": bls[e.path].templora_lr,
+                                  "mt_lora": bls[e.path].mt_lora_info,
+                                  "mt_lora_s": bls[e.path].mt_lora_s} for e in exports}}
     write_json_atomic(out + ".json", result)
     return result
 
 
 def combine(paths: Sequence[str], out: str | None) -> str:
-    """The protocol table over several `--baselines` runs (e.g. one per seed, run in
-    parallel): `--combine a.json b.json …`."""
+    """The protocol table over several `--baselines` runs: `--combine a.json b.json …`.
+
+    Runs of different training seeds (one (base, adapter) pair each): each run's evaluation
+    seeds are averaged, then mean ± sd over the training seeds. Runs of one training seed
+    (e.g. one per evaluation seed, run in parallel): mean ± sd over all evaluation seeds.
+    The cost rows are the mean over runs."""
     docs = [json.load(open(p, encoding="utf-8")) for p in paths]
-    per_seed = []
+    train = [tuple(d["protocol"].get("training_seeds", [None])) for d in docs]
+    eval_seeds = [s for d in docs for s in d["protocol"]["seeds"]]
+    by_training = len(set(train)) == len(docs) > 1
+    per_run = []
     for doc in docs:
-        for curves in doc["protocol"]["skill"]:
-            per_seed.append({m: {f: {int(k): r for k, r in by_k.items()}
-                                 for f, by_k in c.items()} for m, c in curves.items()})
-    seeds = [s for doc in docs for s in doc["protocol"]["seeds"]]
-    lines = [f"Protocol table over {len(per_seed)} evaluation seeds {seeds} "
-             f"({docs[0]['episodes']} episodes per cell each): mean ± sd over seeds.", "",
+        runs = [{m: {f: {int(k): r for k, r in by_k.items()} for f, by_k in c.items()}
+                 for m, c in curves.items()} for curves in doc["protocol"]["skill"]]
+        per_run.append(_mean_curves(runs) if by_training else runs)
+    per_seed = per_run if by_training else [c for runs in per_run for c in runs]
+    # the same evaluation episodes in every run: one digest per evaluation seed
+    digests: dict[str, set[str]] = {}
+    for doc in docs:
+        for s, v in doc["protocol"].get("episodes", {}).items():
+            digests.setdefault(s, set()).update(d["digest"] for d in v.values())
+    settings = next(iter(docs[0]["protocol"]["settings"].values()))
+    tseeds = sorted({s for t in train for s in t if s is not None})
+    over = (f"training seeds {tseeds} (each the mean over its evaluation seeds "
+            f"{sorted(set(eval_seeds))})" if by_training else
+            f"{len(per_seed)} evaluation seeds {eval_seeds}")
+    same = all(len(v) == 1 for v in digests.values())
+    lines = [f"Protocol table over {over}: mean ± sd.", "",
+             protocol_caption(docs[0]["episodes"], sorted(set(eval_seeds)), settings,
+                              None, tseeds, over=over)
+             + " Episode digests per evaluation seed: "
+             + "; ".join(f"{s}: {', '.join(sorted(v))}" for s, v in sorted(digests.items()))
+             + (" — identical in every run." if same else " — **differ between runs**."), "",
              *protocol_table(per_seed, docs[0]["families"], docs[0]["window"])]
+    rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for doc in docs:
+        for r in doc["protocol"]["cost"]:
+            rows.setdefault((r["method"], r["k"]), []).append(r)
+    mean_rows = []
+    for (method, k), rs in rows.items():
+        ad = [r["adapt_ms_per_demo"] for r in rs]
+        mean_rows.append({"method": method, "k": k,
+                          "query_ms": statistics.mean(r["query_ms"] for r in rs),
+                          "held_nbytes": max(r["held_nbytes"] for r in rs),
+                          "adapt_ms_per_demo": None if None in ad else statistics.mean(ad)})
+    lines += ["", f"Cost per method (mean over {len(docs)} run(s); batch 1, one query):", "",
+              *baseline_cost_table(mean_rows)]
     text = "\n".join(lines) + "\n"
     if out:
         with open(out, "w", encoding="utf-8") as fh:
             fh.write(text)
     print(text)
     return text
+
+
+def _mean_curves(runs: list[dict[str, Curve]]) -> dict[str, Curve]:
+    """Skill per (method, family, k) averaged over evaluation-seed runs (cells all have)."""
+    out: dict[str, Curve] = {}
+    for method in runs[0]:
+        for fam in runs[0][method]:
+            for k in runs[0][method][fam]:
+                vals = [r[method][fam][k]["skill"] for r in runs
+                        if k in r.get(method, {}).get(fam, {})]
+                if len(vals) == len(runs):
+                    out.setdefault(method, {}).setdefault(fam, {})[k] = {
+                        "skill": statistics.mean(vals)}
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
