@@ -7,7 +7,9 @@ is the option with the highest summed log-likelihood as a continuation (option s
 in the evaluation of the StreamAdapter paper's classification tasks). Episodes (k demos and q
 queries of one task) are a pure function of (seed, task, k, index), so methods compare on the
 same ones. `TextEpisodeDataModule` serves them to a learner (StreamAdapter's Stage B on an LLM,
-`strategies/stream_adapter_hf.py`). Needs the `llm` extra (`transformers`) for the tokenizer.
+`strategies/stream_adapter_hf.py`); `TextStream` serves the tasks as a non-stationary stream
+(one task after another, no task labels) to the test-time learner. Needs the `llm` extra
+(`transformers`) for the tokenizer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+
+from .streams import Stream, StreamBuilder
+from .streams.core import Purpose, Segment, digest, require_positive, rng
 
 DEFAULT_TEMPLATE = "Input: {input}\nOutput: {output}\n\n"
 
@@ -260,3 +265,155 @@ class _Batches:
     def __iter__(self) -> Iterator[list[TextEpisode]]:
         for i in range(self.dm.steps):
             yield self.dm.batch(i)
+
+
+# ----- a test-time stream of text tasks ------------------------------------------------------
+
+PAD = -1
+"""Fill of a packed example row past its tokens (never a token id)."""
+
+
+@dataclass
+class PackedExample:
+    """One text example as the test-time learner reads it from a stream row: the prompt, one
+    continuation per option, and per option the demonstration it makes when it is the answer."""
+
+    prompt: list[int]
+    options: list[list[int]]
+    demos: list[list[int]]
+
+
+def pack_example(fmt: PromptFormat, ex: TextExample) -> list[int]:
+    """`[n_opt, len(prompt), len(cont_o)…, len(demo_o)…, prompt, conts…, demos…]`: an example
+    as one row of token ids, so a stream can carry text as a plain tensor. Every option's demo
+    is packed (the label picks one), so the row says nothing of the answer."""
+    prompt, conts = fmt.query(ex)
+    demos = [fmt.demo(TextExample(ex.input, ex.options, o)) for o in range(len(ex.options))]
+    head = [len(ex.options), len(prompt), *map(len, conts), *map(len, demos)]
+    return head + prompt + [t for c in conts for t in c] + [t for d in demos for t in d]
+
+
+def unpack_rows(x: torch.Tensor) -> list[PackedExample]:
+    """The inverse of `pack_example` for a batch of rows (B, T)."""
+    out = []
+    for row in x.tolist():
+        n = int(row[0])
+        lens = [int(v) for v in row[1:2 + 2 * n]]
+        pos = 2 + 2 * n
+        parts = []
+        for length in lens:
+            parts.append([int(t) for t in row[pos:pos + length]])
+            pos += length
+        out.append(PackedExample(parts[0], parts[1:1 + n], parts[1 + n:]))
+    return out
+
+
+def _pad_stack(rows: Sequence[list[int]], width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class TextStream(StreamBuilder):
+    """A test-time stream of local JSONL text tasks (StreamAdapter §6 on a causal LM): each
+    segment is one task, its labelled examples arrive in mini-batches, nobody says when the
+    task changes; `order` may repeat a task (fresh examples while the task has them).
+
+    A sample is one example packed as a row of token ids (`pack_example`, padded with `PAD`),
+    `y` the index of its answer option; `n_classes` is the most options of any task. Each task
+    keeps `n_test` held-out examples for the accuracy matrix.
+
+    Args:
+        model_path: the local model folder whose tokenizer encodes the text.
+        tasks_dir, tasks: the `<task>.jsonl` files and the task names (segment ids).
+        order: indices into `tasks`, one per segment (default: each task once).
+        examples_per_segment, batch_size, n_test: examples per occurrence, per `observe`,
+            held out per task.
+        template: the prompt template (Stage B's, for the adapter it trained).
+        seed: which examples go where.
+    """
+
+    kind = "text"
+
+    def __init__(
+        self, *, model_path: str, tasks_dir: str, tasks: Sequence[str],
+        order: list[int] | None = None, examples_per_segment: int = 16, batch_size: int = 4,
+        n_test: int = 16, template: str = DEFAULT_TEMPLATE, seed: int | None = None,
+    ) -> None:
+        for name, val in (("examples_per_segment", examples_per_segment),
+                          ("batch_size", batch_size), ("n_test", n_test)):
+            require_positive(name, val)
+        self.tasks = list(tasks)
+        if not self.tasks:
+            raise ValueError("tasks: name at least one task")
+        self.order = list(range(len(self.tasks))) if order is None else [int(o) for o in order]
+        if not self.order or any(not 0 <= o < len(self.tasks) for o in self.order):
+            raise ValueError(f"order: task indices must be in [0, {len(self.tasks)}), "
+                             f"got {order!r}")
+        PromptFormat(None, template)  # refuse a bad template before loading anything
+        self.model_path, self.tasks_dir, self.template = model_path, tasks_dir, template
+        self.per, self.batch_size, self.n_test = examples_per_segment, batch_size, n_test
+        self.seed = 0 if seed is None else int(seed)  # the CLI fills it from seed_everything
+
+    def params(self) -> dict[str, Any]:
+        return {"model_path": os.path.abspath(self.model_path), "tasks": self.tasks,
+                "order": self.order, "examples_per_segment": self.per,
+                "batch_size": self.batch_size, "n_test": self.n_test,
+                "template": self.template, "seed": self.seed}
+
+    def build(self) -> Stream:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        fmt = PromptFormat(tok, self.template)
+        used = sorted(set(self.order))
+        data = {t: load_task(self.tasks_dir, self.tasks[t]) for t in used}
+        train: dict[int, list[list[int]]] = {}
+        labels: dict[int, list[int]] = {}
+        tests: dict[int, tuple[list[list[int]], list[int]]] = {}
+        for t in used:
+            ex = data[t]
+            if len(ex) <= self.n_test:
+                raise ValueError(f"n_test: task {self.tasks[t]!r} has {len(ex)} examples, "
+                                 f"keep fewer than that for testing")
+            perm = rng(self.seed, Purpose.ICL_EVAL, zlib.crc32(self.tasks[t].encode())
+                       ).permutation(len(ex))
+            test, pool = perm[:self.n_test], perm[self.n_test:]
+            need = self.order.count(t) * self.per  # occurrences draw in turn, cycling the pool
+            picks = [int(pool[i % len(pool)]) for i in range(need)]
+            train[t] = [pack_example(fmt, ex[i]) for i in picks]
+            labels[t] = [ex[i].answer for i in picks]
+            tests[t] = ([pack_example(fmt, ex[int(i)]) for i in test],
+                        [ex[int(i)].answer for i in test])
+        rows = [r for t in used for r in train[t] + tests[t][0]]
+        width = max(len(r) for r in rows)
+        seen: dict[int, int] = {}
+        xs, ys = [], []
+        for t in self.order:
+            j = seen.get(t, 0)
+            seen[t] = j + 1
+            xs += train[t][j * self.per:(j + 1) * self.per]
+            ys += labels[t][j * self.per:(j + 1) * self.per]
+        x = _pad_stack(xs, width)
+        test_sets = {t: (_pad_stack(tests[t][0], width), torch.tensor(tests[t][1]))
+                     for t in used}
+        n_occ = len(self.order)
+        segments = tuple(Segment(t, self.tasks[t], "text", {"task": self.tasks[t]},
+                                 self.per * self.order.count(t), self.n_test) for t in used)
+        params = self.params()
+        return Stream(
+            name="text_" + "_".join(self.tasks[t] for t in used)[:64], kind=self.kind, x=x,
+            y=torch.tensor(ys, dtype=torch.long),
+            segment_ids=torch.from_numpy(np.repeat(np.asarray(self.order, np.int64), self.per)),
+            segments=segments, test_sets=test_sets, batch_size=self.batch_size,
+            n_classes=max(len(e.options) for t in used for e in data[t]),
+            eval_positions=tuple(self.per * (i + 1) for i in range(n_occ)),
+            row_segments=tuple(self.order), first_rows=tuple(self.order.index(t) for t in used),
+            true_shifts=tuple(self.per * i for i in range(1, n_occ)
+                              if self.order[i] != self.order[i - 1]),
+            seed=self.seed, split_seed=self.seed, params=params,
+            source_fingerprint="text:" + digest(x.numpy(), *(
+                s.numpy() for t in used for s in test_sets[t])),
+            order_digest="",
+        )

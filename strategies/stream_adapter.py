@@ -445,11 +445,11 @@ class TestThenAbsorb(AdaptedCoreLearner):
                 self.core.reset_state(1)
                 self.resets.append(self.batch_position)
             self.absorb_examples(x, y)
+            if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
+                    and self.logger is not None):
+                self.logger.log_metrics(self.core.norms(), step=self.observe_steps)
         self._count_step()  # absorbing is this learner's update: steps, checkpoints, max_steps
         self.__dict__["update_steps"] += 1
-        if (self.log_norms_every and self.observe_steps % self.log_norms_every == 0
-                and self.logger is not None):
-            self.logger.log_metrics(self.core.norms(), step=self.observe_steps)
         return logits, loss
 
     def _shift(self, loss: torch.Tensor) -> bool:

@@ -14,13 +14,21 @@ from a local folder:
 - The base is frozen (`requires_grad=False`, `eval()`); only mappers and absorptions train.
 
 `HFStreamAdapter` meta-trains it (Stage B) on episodes of local JSONL text tasks
-(`adaptlab.hf_text.TextEpisodeDataModule`), with option log-likelihood scoring, and reports
-StreamAdapter, ICL and zero-shot accuracy on seen and unseen tasks.
+(`adaptlab.hf_text.TextEpisodeDataModule`), with option log-likelihood scoring, reports
+StreamAdapter, ICL and zero-shot accuracy on seen and unseen tasks, and exports the adapter
+with the content hash of the base's files. `HFTestTimeStreamAdapter` loads that export
+(`load_hf_adapter`, the hash checked) and runs StreamAdapter's test-time loop
+(`TestThenAbsorb`, shared with TinyGPT's learner) on a stream of text tasks
+(`adaptlab.hf_text.TextStream`).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,13 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptlab.hf_text import TextEpisode, accuracy, option_scores, pad_rows
+from adaptlab.hf_text import (
+    DEFAULT_TEMPLATE,
+    TextEpisode,
+    TextEpisodeDataModule,
+    accuracy,
+    option_scores,
+    pad_rows,
+    unpack_rows,
+)
 from adaptlab.jsonio import metrics_document, write_json_atomic
-from adaptlab.learner import StreamLearner, warmup_cosine
+from adaptlab.learner import warmup_cosine
 from adaptlab.models import KV
 from adaptlab.seeding import seeded
 
-from .icl_families import save_atomic
+from .icl_families import read_export, save_atomic
+from .stream_adapter import AdaptedCoreLearner, TestThenAbsorb
 from .stream_adapter_nn import AdaptedLM, last_layers, linear_dims
 
 DEFAULT_HF_TARGETS = ("v_proj", "o_proj", "up_proj", "down_proj",
@@ -54,6 +71,26 @@ def load_causal_lm(path: str, dtype: str = "float32") -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                  dtype=DTYPES[dtype])
     return model.requires_grad_(False).eval()
+
+
+MODEL_FILES = ("*.safetensors", "*.bin", "tokenizer.json", "tokenizer.model", "vocab.json",
+               "merges.txt")
+"""What `model_sha256` hashes in a model folder: the weights and the vocabulary."""
+
+
+def model_sha256(path: str) -> str:
+    """A content hash of a local model folder: sha256 over the names and contents of its
+    weight and vocabulary files (`MODEL_FILES`), whatever dtype the model is later loaded in.
+    What an adapter export records to refuse another base."""
+    files = sorted({os.path.basename(f) for pat in MODEL_FILES
+                    for f in glob.glob(os.path.join(glob.escape(path), pat))})
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
+        raise FileNotFoundError(f"model_path: no weight files (*.safetensors, *.bin) in {path!r}")
+    digest = hashlib.sha256()
+    for name in files:
+        with open(os.path.join(path, name), "rb") as f:
+            digest.update(f"{name}:{hashlib.file_digest(f, 'sha256').hexdigest()}".encode())
+    return digest.hexdigest()
 
 
 def kv_layers(cache: Any) -> list[KV]:
@@ -179,7 +216,47 @@ class AdaptedHF(AdaptedLM):
         return self.logits(ids, attention_mask)
 
 
-class HFStreamAdapter(StreamLearner):
+def build_adapted_hf(base: nn.Module, adapter_args: dict[str, Any], seed: int) -> AdaptedHF:
+    """`AdaptedHF` on `base` with its adapter initialised from `seed` and kept in float32
+    (whatever the base's dtype)."""
+    with seeded(seed):
+        core = AdaptedHF(base, **adapter_args)
+    core.mappers.float()
+    core.absorptions.float()
+    return core
+
+
+def load_hf_adapter(path: str, model_path: str | None = None, dtype: str | None = None
+                    ) -> tuple[AdaptedHF, dict[str, Any]]:
+    """An `HFStreamAdapter` export on its base: the `AdaptedHF` (base frozen) and the record.
+
+    The base is read from `model_path` (default: the folder recorded at export) in `dtype`
+    (default: Stage B's); the content hash of its files must equal the one recorded.
+    """
+    rec = read_export(path, "adapter", HF_ADAPTER_FORMAT, "no Stage B export",
+                      "; run HFStreamAdapter with export: … first")
+    folder = model_path or rec["model_path"]
+    if "base_sha256" not in rec:
+        raise ValueError(f"adapter: {path!r} records no base hash (exported before hashes "
+                         "were kept); re-run Stage B")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model_path: no folder {folder!r} (the adapter's base)")
+    found = model_sha256(folder)
+    if found != rec["base_sha256"]:
+        raise ValueError(f"adapter: trained on base {rec['base_sha256'][:12]}…, but "
+                         f"{folder!r} is {found[:12]}…; use the model the adapter was "
+                         "trained on")
+    core = build_adapted_hf(load_causal_lm(folder, dtype or rec.get("dtype", "float32")),
+                            rec["adapter_args"], int(rec.get("seed", 0)))
+    missing, unexpected = core.load_state_dict(rec["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("base.")]
+    if missing or unexpected:
+        raise ValueError(f"adapter: {path!r} does not fit its settings (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    return core, rec
+
+
+class HFStreamAdapter(AdaptedCoreLearner):
     """StreamAdapter's Stage B on a Hugging Face causal LM and local JSONL text tasks.
 
     Per batch (episodes of the seen tasks, one k per batch) the frozen LM prefills each
@@ -212,24 +289,18 @@ class HFStreamAdapter(StreamLearner):
     ) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        self.model_path = model_path
+        self.model_path, self.dtype_name = model_path, dtype
         base = load_causal_lm(model_path, dtype)
         self.adapter_args = {"n_slots": n_slots, "chunk_size": chunk_size,
                              "block_size": block_size, "targets": targets if isinstance(
                                  targets, str) else list(targets), "layers": layers,
                              "gate": gate, "recurrence": recurrence, "gate_bias": gate_bias}
-        with seeded(self.seed):
-            self.core = AdaptedHF(base, **self.adapter_args)
-        self.core.mappers.float()
-        self.core.absorptions.float()
+        self.core = build_adapted_hf(base, self.adapter_args, self.seed)
         self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
         self.warmup_steps, self.clip = warmup_steps, clip
         self.eval_ks = sorted({int(k) for k in eval_ks})
         self.eval_episodes, self.eval_seed, self.export = eval_episodes, eval_seed, export
         self.results: dict[str, Any] = {}
-
-    def model_size_modules(self) -> list[nn.Module]:
-        return [self.core.mappers, self.core.absorptions]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.core.adapter_parameters()
@@ -320,15 +391,131 @@ class HFStreamAdapter(StreamLearner):
                          "adapter_params": n_params, "state_nbytes": self.core.state_nbytes,
                          "model_path": os.path.abspath(self.model_path)}))
         if self.export:
-            state = {k: v.detach().cpu() for k, v in self.core.state_dict().items()
-                     if not k.startswith("base.")}
-            save_atomic({"format": HF_ADAPTER_FORMAT, "adapter_args": self.adapter_args,
-                         "state_dict": state, "model_path": os.path.abspath(self.model_path),
-                         "tasks": list(dm.tasks), "steps": self.update_steps,
-                         "seed": self.seed}, self.export)
+            save_atomic(self.adapter_record(dm), self.export)
+
+    def adapter_record(self, dm: TextEpisodeDataModule) -> dict[str, Any]:
+        """The Stage B export: adapter weights and settings, the base's folder, the content
+        hash of its files and the dtype it ran in, and the prompt template."""
+        state = {k: v.detach().cpu() for k, v in self.core.state_dict().items()
+                 if not k.startswith("base.")}
+        return {"format": HF_ADAPTER_FORMAT, "adapter_args": self.adapter_args,
+                "state_dict": state, "model_path": os.path.abspath(self.model_path),
+                "base_sha256": model_sha256(self.model_path), "dtype": self.dtype_name,
+                "template": dm.fmt.prefix + "{output}" + dm.fmt.suffix,
+                "tasks": list(dm.tasks), "steps": self.update_steps, "seed": self.seed}
 
     def extra_state(self) -> dict[str, Any]:
         return {"results": self.results}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.results = dict(state.get("results", {}))
+
+
+BASE_PREFIX = "core.base."
+"""The frozen base's keys in the learner's state dict: left out of checkpoints (the base is
+reloaded from its folder, its hash checked), so a checkpoint holds the adapter and state."""
+
+
+class HFTestTimeStreamAdapter(TestThenAbsorb):
+    """StreamAdapter at test time on a Hugging Face causal LM and a stream of text tasks.
+
+    `observe(x, y)` scores each example's options from the absorbed state (no context in the
+    window: the prompt and each option from position 0, through the side branches), then
+    absorbs the batch's demonstrations (each example's template filled with its answer) in
+    order; the loop and the resets are `TestThenAbsorb`'s, as TinyGPT's learner has them.
+    Samples are `adaptlab.hf_text.TextStream` rows (packed token ids), `y` the answer option.
+
+    Args:
+        adapter: the `HFStreamAdapter` export (adapter weights and settings, the base's folder
+            and the content hash of its files, checked).
+        model_path: the base's folder (default: the one recorded in the export).
+        dtype: the base's weights (default: Stage B's dtype); the adapter is float32.
+        reset_on: `detected` (a core `ShiftDetector` on the pre-absorb loss, seeded with the
+            chance loss ln n_options), `none` (the gate forgets) or `segment` (oracle resets
+            by `SegmentReset`, an upper bound only).
+        detector: `ShiftDetector` options.
+        log_norms_every: observe steps between ‖S‖ and ‖ΔW‖/‖W‖ logs (0: never).
+        **kwargs: `StreamLearner` arguments (linked shapes, seed).
+    """
+
+    def __init__(
+        self, *, adapter: str, model_path: str | None = None, dtype: str | None = None,
+        reset_on: str = "detected", detector: dict[str, Any] | None = None,
+        log_norms_every: int = 50, **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.check_reset_on(reset_on)
+        if len(self.input_shape) != 1:
+            raise ValueError(f"data: samples of shape {self.input_shape} are not packed text "
+                             "examples; use an adaptlab.hf_text.TextStream")
+        self.core, rec = load_hf_adapter(adapter, model_path, dtype)
+        self.adapter_args = dict(rec["adapter_args"])
+        self.model_path = model_path or rec["model_path"]
+        self.base_sha256 = rec["base_sha256"]
+        self.template = rec.get("template", DEFAULT_TEMPLATE)
+        pad = self.core.base.config.pad_token_id
+        self.pad = int(pad) if pad is not None else 0  # right padding: never attended
+        self._init_stream(reset_on, detector, log_norms_every)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.host_trainer is not None else None
+        stream = getattr(dm, "stream", None)
+        if stream is None:
+            raise ValueError("HFTestTimeStreamAdapter: data must be a stream of text tasks "
+                             "(data.stream: adaptlab.hf_text.TextStream)")
+        vocab = self.core.base.get_input_embeddings().num_embeddings
+        if int(stream.x.max()) >= vocab:
+            raise ValueError(f"data.stream: token ids up to {int(stream.x.max())}, the model "
+                             f"has {vocab}; tokenise with the model's own folder "
+                             "(data.stream.init_args.model_path)")
+        template = (stream.params or {}).get("template")
+        if template is not None and template != self.template:
+            warnings.warn(f"data.stream.template {template!r} is not Stage B's "
+                          f"{self.template!r}: the adapter meets prompts it was not trained "
+                          "on", stacklevel=2)
+        self._check_segment_callback()
+
+    @property
+    def chance_loss(self) -> float:
+        """ln n_options: the loss of a uniform guess over the options."""
+        return math.log(self.n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Option log-likelihoods (B, n_classes) of packed examples from the current state,
+        no context in the window; −inf for options an example lacks."""
+        rows = unpack_rows(x)
+        ep = TextEpisode("", [], [r.prompt for r in rows], [r.options for r in rows],
+                         [0] * len(rows))
+        scores = option_scores(self.core.logits, [ep], self.pad, with_context=False,
+                               device=self.device)[0]
+        out = scores.new_full((len(rows), self.n_classes), -math.inf)
+        out[:, :scores.shape[1]] = scores
+        return out
+
+    def stream_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the answer over the options' log-likelihoods (Stage B's loss)."""
+        return F.cross_entropy(logits, y)
+
+    def absorb_examples(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Absorb each example's demonstration (its answer's filled template), in order, as
+        one span of the context stream."""
+        ids = [t for r, a in zip(unpack_rows(x), y.tolist()) for t in r.demos[int(a)]]
+        self.core.absorb(torch.tensor([ids], dtype=torch.long, device=self.device))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict") or {}
+        for key in [k for k in state if k.startswith(BASE_PREFIX)]:
+            del state[key]
+        checkpoint["adaptlab_learner"]["base_sha256"] = self.base_sha256
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = (checkpoint.get("adaptlab_learner") or {}).get("base_sha256")
+        if saved is not None and saved != self.base_sha256:
+            raise ValueError(f"checkpoint: written on base {saved[:12]}…, this run's is "
+                             f"{self.base_sha256[:12]}…; resume with the same model")
+        super().on_load_checkpoint(checkpoint)
+        if "state_dict" in checkpoint:  # the base is not in checkpoints: this run's own
+            checkpoint["state_dict"].update({k: v for k, v in self.state_dict().items()
+                                             if k.startswith(BASE_PREFIX)})
