@@ -102,8 +102,8 @@ BASELINES = (EVICT_LAST, EVICT_ATT, "TempLoRA", "MT-LoRA", "best constant")  # i
 PROTOCOL_METHODS = ("StreamAdapter", "ICL", "TempLoRA", "MT-LoRA", EVICT_LAST, EVICT_ATT,
                     "best constant")
 # chosen by tools/stream_adapter_baseline_tune.py on development episodes (dev seed 777)
-TEMPLORA_STEPS, TEMPLORA_LR = 20, 1e-2
-MT_LORA_RANK, MT_LORA_LR = 16, 3e-3
+TEMPLORA_STEPS, TEMPLORA_LR = 60, 3e-3
+MT_LORA_RANK, MT_LORA_LR = 4, 3e-3
 DEV_SEED = 777
 TINY_FAMILIES = ("linreg", "sparse_linreg", "logreg", "bool_conj", "bool_disj")  # not label maps
 Curve = dict[str, dict[int, dict[str, float]]]
