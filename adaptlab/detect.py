@@ -26,14 +26,21 @@ Other rules (`test`), for losses too noisy for mu + 3 sigma of the raw loss (spe
 The two-sample tests fire when p < `p_value`; "recent" is the last `recent` losses (the new
 one included), the reference the rest of the window. Their `tau` is the one-batch bound
 mu + n_sigma * sigma, used to recognise an old expert from a single batch (`recognises`).
-Losses, EWMAs and thresholds are float32 tensors on the learner's device; the per-channel
-counters (`count`, `head`, `steps`) are Python lists, saved in the state_dict as tensors, so
-a checkpoint restores everything exactly and reading a counter never waits for the device.
+The state lives on the host as Python values: windows, EWMAs and thresholds are float32
+numbers (each operation rounded to float32, as float32 tensors would store it), counters are
+ints. A caller reads a batch's losses to the host once (one transfer for all channels); after
+that a decision is a few dozen float operations instead of as many tiny tensor ops (each a
+few microseconds on a CPU, a kernel launch on a GPU). The state_dict holds the same float32
+and long tensors as before (`window`, `sbar`, ..., `count`, `head`, `steps`), so checkpoints
+load either way and restore everything exactly; `tau`, `mu`, `sbar`, `window`, ... read as
+tensors on the module's device.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -49,6 +56,14 @@ TWO_SAMPLE = ("welch", "mannwhitney", "ks")
 DEFAULT_N_SIGMA = {"threshold": 3.0, "chart": 5.0}
 DEFAULT_P_VALUE = {"welch": 1e-4, "mannwhitney": 1e-4, "ks": 1e-4}
 CHAINS = ("own", "all")
+
+_F32 = array("f", [0.0])
+
+
+def f32(v: float) -> float:
+    """`v` rounded to float32 (what a float32 tensor stores), as a Python float."""
+    _F32[0] = v
+    return _F32[0]
 
 
 class ShiftDetector(nn.Module):
@@ -66,7 +81,13 @@ class ShiftDetector(nn.Module):
         p_value: the two-sample tests fire below this p-value; None takes the test's default.
         chain: `own` (EWMA over the channel's own commits) or `all` (an extra EWMA chain,
             `s_all`, advanced on every batch for every channel: TAME's reference code).
+
+    Losses given as tensors are read to the host (`tolist`); pass Python floats or lists to
+    keep that read under the caller's control (TAME reads a batch's losses once).
     """
+
+    FLOATS = ("window", "sbar", "s_all", "last", "mu", "tau", "seed_value")
+    COUNTERS = ("count", "head", "steps")
 
     def __init__(
         self,
@@ -102,110 +123,158 @@ class ShiftDetector(nn.Module):
         self.recent, self.p_value = recent, p_value
         # tau's sigma multiplier: the EWMA's stationary spread for the control chart
         self._spread = math.sqrt(alpha / (2 - alpha)) if test == "chart" else 1.0
-        f32 = torch.float32
-        self.register_buffer("window", torch.zeros(0, window, dtype=f32))
-        # Python counters (a device read per batch would be a host sync): valid entries <= W,
-        # next slot to write, committed losses. `_save_to_state_dict` stores them as tensors.
+        # the constants as a float32 tensor op sees them (a Python scalar becomes float32)
+        self._a, self._b = f32(alpha), f32(1 - alpha)
+        self._k = f32(self.n_sigma * self._spread)
+        self._floor = f32(sigma_floor)
+        self._n_last = max(recent // 2, 1)
+        # Per channel: the circular window (float32 storage; slots past `count` are 0), the
+        # EWMA (NaN = none yet), the `all` chain, the losses on the last `recent // 2` batches
+        # (NaN: not evaluated; the two-sample tests' recognition), mu, tau and the seed.
+        self._win: list[array] = []
+        self._sbar: list[float] = []
+        self._s_all: list[float] = []
+        self._last: list[list[float]] = []
+        self._mu: list[float] = []
+        self._tau: list[float] = []
+        self._seed: list[float] = []
+        # valid entries <= W, next slot to write, committed losses
         self.count: list[int] = []
         self.head: list[int] = []
         self.steps: list[int] = []
-        # ring[s : s + n] = (s + arange(n)) % W: a channel's slots without building them
-        self.register_buffer("ring", torch.arange(2 * window) % window, persistent=False)
-        self.register_buffer("sbar", torch.zeros(0, dtype=f32))  # NaN = no EWMA yet
-        self.register_buffer("s_all", torch.zeros(0, dtype=f32))
-        # every channel's loss on the last `recent // 2` batches (NaN: not evaluated), for
-        # the two-sample tests' recognition of an old expert
-        self.register_buffer("last", torch.zeros(0, max(recent // 2, 1), dtype=f32))
-        self.register_buffer("mu", torch.zeros(0, dtype=f32))
-        self.register_buffer("tau", torch.zeros(0, dtype=f32))
-        self.register_buffer("seed_value", torch.zeros(0, dtype=f32))
+        # follows `.to()`: the device of the tensors this module hands out
+        self.register_buffer("probe", torch.zeros(0), persistent=False)
 
     @property
     def n_channels(self) -> int:
-        return int(self.window.shape[0])
+        return len(self._win)
+
+    # -- tensor views (tests, checkpoints, plots) ---------------------------------------------
+    def _tensor(self, values: list, *shape: int) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.probe.device).reshape(
+            self.n_channels, *shape)
+
+    @property
+    def window(self) -> torch.Tensor:
+        """[K, W] the circular windows (slot order)."""
+        return self._tensor([v for w in self._win for v in w], self.W)
+
+    @property
+    def sbar(self) -> torch.Tensor:
+        return self._tensor(self._sbar)
+
+    @property
+    def s_all(self) -> torch.Tensor:
+        return self._tensor(self._s_all)
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self._tensor([v for r in self._last for v in r], self._n_last)
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self._tensor(self._mu)
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self._tensor(self._tau)
+
+    @property
+    def seed_value(self) -> torch.Tensor:
+        return self._tensor(self._seed)
+
+    def tau_of(self, k: int) -> float:
+        """tau_k as a float (no tensor built)."""
+        return self._tau[k]
 
     # -- channels -----------------------------------------------------------------------------
+    def _fresh_window(self, seed: float) -> array:
+        w = array("f", [0.0]) * self.W
+        w[0] = seed
+        return w
+
     def add_channel(self, seed: float) -> int:
         """A new channel whose window holds only `seed` (ln C for a C-way classifier)."""
-        dev = self.window.device
-        row = torch.zeros(1, self.W, device=dev)
-        row[0, 0] = seed
-        nan = torch.full((1,), math.nan, device=dev)
-        self.window = torch.cat([self.window, row])
+        self._win.append(self._fresh_window(seed))
         self.count.append(1)
         self.head.append(1)
-        self.sbar = torch.cat([self.sbar, nan])
-        self.s_all = torch.cat([self.s_all, nan])
-        self.last = torch.cat([self.last, torch.full((1, self.last.shape[1]), math.nan,
-                                                     device=dev)])
-        self.mu = torch.cat([self.mu, torch.zeros(1, device=dev)])
-        self.tau = torch.cat([self.tau, torch.zeros(1, device=dev)])
         self.steps.append(0)
-        self.seed_value = torch.cat([self.seed_value, torch.full((1,), float(seed), device=dev)])
+        self._sbar.append(math.nan)
+        self._s_all.append(math.nan)
+        self._last.append([math.nan] * self._n_last)
+        self._mu.append(0.0)
+        self._tau.append(0.0)
+        self._seed.append(f32(seed))
         k = self.n_channels - 1
         self.refresh_threshold(k)
         return k
 
     def reset_channel(self, k: int, seed: float | None = None) -> None:
         """Start channel k afresh (window `[seed]`, no EWMA, grace again)."""
-        seed = float(self.seed_value[k]) if seed is None else seed
-        self.window[k].zero_()
-        self.window[k, 0] = seed
+        self._win[k] = self._fresh_window(self._seed[k] if seed is None else seed)
         self.count[k], self.head[k], self.steps[k] = 1, 1, 0
-        self.sbar[k] = math.nan
-        self.s_all[k] = math.nan
-        self.last[k] = math.nan
+        self._sbar[k] = math.nan
+        self._s_all[k] = math.nan
+        self._last[k] = [math.nan] * self._n_last
         self.refresh_threshold(k)
 
     # -- the rule -----------------------------------------------------------------------------
-    def _slots(self, k: int) -> torch.Tensor:
-        """Indices of channel k's entries in its circular window, oldest first (a view of
-        `ring`: no allocation, no host sync)."""
-        n = self.count[k]
-        start = (self.head[k] - n) % self.W
-        return self.ring[start : start + n]
-
-    def _entries(self, k: int) -> torch.Tensor:
+    def _entries(self, k: int) -> list[float]:
         """Channel k's window in arrival order (oldest first)."""
-        return self.window[k].index_select(0, self._slots(k))
+        n, w = self.count[k], self._win[k]
+        start = (self.head[k] - n) % self.W
+        end = start + n
+        if end <= self.W:
+            return w[start:end].tolist()
+        return w[start:].tolist() + w[: end - self.W].tolist()
+
+    def _ewma(self, loss: float, s: float) -> float:
+        """alpha * loss + (1 - alpha) * s, rounded as float32 tensor ops round each step."""
+        return f32(f32(self._a * loss) + f32(self._b * s))
 
     def refresh_threshold(self, k: int) -> None:
         """tau_k = mu + n_sigma * max(sigma, floor) over k's window (population std; `chart`:
-        sigma scaled to the EWMA's spread)."""
+        sigma scaled to the EWMA's spread). The sums run in float64 (at most W terms), mu
+        and tau are stored as float32."""
         w = self._entries(k)
-        mu = w.mean()
-        var = ((w - mu) ** 2).mean()
-        sigma = torch.clamp(var.sqrt(), min=self.sigma_floor)
-        self.mu[k] = mu
-        self.tau[k] = mu + self.n_sigma * self._spread * sigma
+        n = len(w)
+        mean = sum(w) / n
+        var = max(sum(map(mul, w, w)) / n - mean * mean, 0.0)
+        mu = f32(mean)
+        sigma = max(f32(math.sqrt(var)), self._floor)
+        self._mu[k] = mu
+        self._tau[k] = f32(mu + f32(self._k * sigma))
 
-    def candidate(self, loss: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _host(loss: Any) -> list[float]:
+        return loss.tolist() if isinstance(loss, torch.Tensor) else list(loss)
+
+    def candidate(self, loss: Any) -> list[float]:
         """EWMA each channel would have after `loss[K]` (the loss itself where none yet)."""
-        loss = loss.to(self.sbar.dtype)
-        return torch.where(torch.isnan(self.sbar), loss,
-                           self.alpha * loss + (1 - self.alpha) * self.sbar)
+        return [f32(v) if s != s else self._ewma(f32(v), s)
+                for v, s in zip(self._host(loss), self._sbar, strict=True)]
 
-    def trigger_value(self, k: int, loss: torch.Tensor) -> torch.Tensor:
+    def trigger_value(self, k: int, loss: Any) -> float:
         """What channel k's trigger compares with tau: the candidate on its `own` chain, or on
-        the `all` chain (advanced on every batch)."""
-        lk = loss[k].to(self.sbar.dtype)
-        # the candidate of channel k alone (NaN EWMA exactly when nothing was committed yet)
-        own = lk if self.steps[k] == 0 else self.alpha * lk + (1 - self.alpha) * self.sbar[k]
+        the `all` chain (advanced on every batch). `loss`: the K losses (a list)."""
+        lk = f32(float(loss[k]))
+        # the candidate of channel k alone (no EWMA exactly when nothing was committed yet)
+        own = lk if self.steps[k] == 0 else self._ewma(lk, self._sbar[k])
         if self.chain == "own":
             return own
-        s = self.s_all[k]
-        return torch.where(torch.isnan(s), own, self.alpha * loss[k].float() + (1 - self.alpha) * s)
+        s = self._s_all[k]
+        return own if s != s else self._ewma(lk, s)
 
     def exceeds(self, k: int, c: float, loss: float | None = None,
                 tau: float | None = None) -> bool:
         """The test itself, without grace: does candidate `c` (raw `loss`) reject channel k?
-        `tau` may pass tau_k already read to the host (saves a device read)."""
+        `tau` may pass tau_k already read."""
         if self.test not in TWO_SAMPLE:
-            return c > (float(self.tau[k]) if tau is None else tau)
+            return c > (self._tau[k] if tau is None else tau)
         if loss is None:
             raise ValueError(f"ShiftDetector(test={self.test!r}) needs the raw loss: "
                              "fired(k, c, loss)")
-        hist = self._entries(k).double().cpu().numpy()
+        hist = np.asarray(self._entries(k), dtype=np.float64)
         cut = len(hist) - (self.recent - 1)
         recent = np.append(hist[cut:], float(loss))
         ref = hist[:cut]
@@ -223,18 +292,23 @@ class ShiftDetector(nn.Module):
             p = stats.ks_2samp(recent, ref, alternative="less").pvalue
         return 1.0 if math.isnan(p) else float(p)  # constant samples: no evidence
 
-    def recognises(self, c: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """[K] bool from candidates `c` and raw `loss` [K]: does this batch fit each channel's
-        (frozen) state? Threshold rules: the candidate EWMA stays under tau. Two-sample tests
-        (whose firing took several post-shift batches): the mean of the channel's losses on
-        the last `recent // 2` batches and this one stays under mu + n_sigma * sigma / sqrt(n),
-        n the losses averaged (one batch where only the active expert was evaluated)."""
+    def recognises(self, c: Any, loss: Any) -> list[bool]:
+        """Per channel, from candidates `c` and raw `loss` [K]: does this batch fit each
+        channel's (frozen) state? Threshold rules: the candidate EWMA stays under tau.
+        Two-sample tests (whose firing took several post-shift batches): the mean of the
+        channel's losses on the last `recent // 2` batches and this one stays under
+        mu + n_sigma * sigma / sqrt(n), n the losses averaged (one batch where only the
+        active expert was evaluated)."""
         if self.test not in TWO_SAMPLE:
-            return c < self.tau
-        seen = torch.cat([self.last[:, 1:], loss.to(self.last.dtype).unsqueeze(1)], 1)
-        n = (~torch.isnan(seen)).sum(1).clamp(min=1)
-        mean = torch.nan_to_num(seen).sum(1) / n
-        return mean < self.mu + (self.tau - self.mu) / n.to(self.mu.dtype).sqrt()
+            return [ck < t for ck, t in zip(self._host(c), self._tau, strict=True)]
+        out = []
+        for k, v in enumerate(self._host(loss)):
+            seen = [x for x in self._last[k][1:] + [f32(v)] if x == x]
+            n = max(len(seen), 1)
+            mean = f32(f32(sum(seen)) / n)
+            mu, tau = self._mu[k], self._tau[k]
+            out.append(mean < f32(mu + f32(f32(tau - mu) / f32(math.sqrt(n)))))
+        return out
 
     def plateaued(self, k: int, p: float = 0.05) -> bool:
         """Channel k's loss has stopped falling: its window is full and the newer half is not
@@ -242,7 +316,7 @@ class ShiftDetector(nn.Module):
         until an expert has converged."""
         if self.count[k] < self.W:
             return False
-        hist = self._entries(k).double().cpu().numpy()
+        hist = np.asarray(self._entries(k), dtype=np.float64)
         half = self.W // 2
         res = stats.mannwhitneyu(hist[:half], hist[half:], alternative="greater")
         return bool(not res.pvalue < p)
@@ -256,12 +330,11 @@ class ShiftDetector(nn.Module):
 
     def commit(self, k: int, loss: float | torch.Tensor) -> None:
         """Channel k trained on a batch with pre-update `loss`: EWMA, window, step count."""
-        loss = torch.as_tensor(loss, dtype=self.sbar.dtype, device=self.sbar.device)
-        # sbar[k] is NaN exactly while steps[k] == 0: the first EWMA is the loss itself
-        self.sbar[k] = loss if self.steps[k] == 0 else \
-            self.alpha * loss + (1 - self.alpha) * self.sbar[k]
+        v = f32(float(loss))
+        # no EWMA exactly while steps[k] == 0: the first EWMA is the loss itself
+        self._sbar[k] = v if self.steps[k] == 0 else self._ewma(v, self._sbar[k])
         h = self.head[k]
-        self.window[k, h] = loss
+        self._win[k][h] = v
         self.head[k] = (h + 1) % self.W
         self.count[k] = min(self.count[k] + 1, self.W)
         self.steps[k] += 1
@@ -277,18 +350,17 @@ class ShiftDetector(nn.Module):
         self.count[k] -= drop
         self.head[k] = (self.head[k] - drop) % self.W
 
-    def advance_all(self, loss: torch.Tensor) -> None:
+    def advance_all(self, loss: Any) -> None:
         """Every batch, every channel's loss on it (NaN where not evaluated): `chain="all"`
         advances `s_all`; the two-sample tests keep the last few for recognition."""
         if self.test not in TWO_SAMPLE and self.chain != "all":
-            return  # nothing to keep: no device work
-        loss = loss.to(self.s_all.dtype)
+            return  # nothing to keep
+        values = [f32(v) for v in self._host(loss)]
         if self.test in TWO_SAMPLE:
-            self.last = torch.cat([self.last[:, 1:], loss.unsqueeze(1)], 1)
-        if self.chain != "all":
-            return
-        self.s_all = torch.where(torch.isnan(self.s_all), loss,
-                                 self.alpha * loss + (1 - self.alpha) * self.s_all)
+            self._last = [r[1:] + [v] for r, v in zip(self._last, values, strict=True)]
+        if self.chain == "all":
+            self._s_all = [v if s != s else self._ewma(v, s)
+                           for v, s in zip(values, self._s_all, strict=True)]
 
     def update(self, loss: float | torch.Tensor, seed: float | None = None) -> bool:
         """Single-signal use (channel 0): refresh, decide, commit.
@@ -303,7 +375,7 @@ class ShiftDetector(nn.Module):
         if self.n_channels == 0:
             self.add_channel(value if seed is None else seed)
         self.refresh_threshold(0)
-        c = self.candidate(torch.tensor([value], device=self.sbar.device))[0]
+        c = self.candidate([value])[0]
         if self.fired(0, c, value):
             self.reset_channel(0, seed=value if seed is None else seed)
             if seed is None:
@@ -313,33 +385,40 @@ class ShiftDetector(nn.Module):
         return False
 
     # -- checkpoint ---------------------------------------------------------------------------
-    COUNTERS = ("count", "head", "steps")
-
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
                             keep_vars: bool) -> None:
-        """The Python counters go into the state_dict as long tensors (as before they were
-        Python, so old checkpoints load too)."""
+        """The host state as the tensors it was kept in before: float32 `window` [K, W],
+        `sbar`, `s_all`, `last` [K, recent // 2], `mu`, `tau`, `seed_value` [K] and long
+        `count`, `head`, `steps` [K]."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.FLOATS:
+            destination[prefix + name] = getattr(self, name)
         for name in self.COUNTERS:
             destination[prefix + name] = torch.tensor(getattr(self, name), dtype=torch.long,
-                                                      device=self.window.device)
+                                                      device=self.probe.device)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               local_metadata: Any, strict: bool, missing: list[str],
                               unexpected: list[str], errors: list[str]) -> None:
-        """Resize every buffer to the saved number of channels before loading; the counters
-        come back as Python lists."""
-        for name, buf in list(self._buffers.items()):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and buf is not None and saved.shape != buf.shape:
-                self._buffers[name] = torch.empty(saved.shape, dtype=buf.dtype, device=buf.device)
+        """Back to the host: any number of channels (the saved ones replace these)."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing,
                                       unexpected, errors)
-        for name in self.COUNTERS:
+        for name in (*self.FLOATS, *self.COUNTERS):
             key = prefix + name
-            if key in state_dict:
-                setattr(self, name, [int(v) for v in state_dict[key].tolist()])
-                if key in unexpected:
-                    unexpected.remove(key)
-            elif strict:
-                missing.append(key)
+            if key not in state_dict:
+                if strict:
+                    missing.append(key)
+                continue
+            if key in unexpected:
+                unexpected.remove(key)
+            rows = state_dict[key].tolist()
+            if name == "window":
+                self._win = [array("f", r) for r in rows]
+            elif name == "last":
+                self._last = [[float(v) for v in r] for r in rows]
+            elif name in self.COUNTERS:
+                setattr(self, name, [int(v) for v in rows])
+            else:
+                attr = {"sbar": "_sbar", "s_all": "_s_all", "mu": "_mu", "tau": "_tau",
+                        "seed_value": "_seed"}[name]
+                setattr(self, attr, [float(v) for v in rows])

@@ -32,7 +32,7 @@ from torch.func import functional_call, stack_module_state
 from torch.nn.utils import prune as torch_prune
 
 from adaptlab.buffers import BottomKBuffer
-from adaptlab.detect import TWO_SAMPLE, ShiftDetector
+from adaptlab.detect import TWO_SAMPLE, ShiftDetector, f32
 from adaptlab.learner import StreamLearner
 from adaptlab.models import build_model
 from adaptlab.seeding import seeded
@@ -40,6 +40,11 @@ from adaptlab.seeding import seeded
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.Dropout)
 MLP_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid)  # elementwise: stackable
+STACK_CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}  # stackable convolutions
+STACK_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)  # per channel
+# One step of the stacked forward: (kind, module, weights, bias, groups); kind "mod" applies
+# the module (activation, pooling, Flatten), "conv" / "linear" the K experts' stacked weights.
+StackStep = tuple[str, nn.Module, torch.Tensor | None, torch.Tensor | None, int]
 MIN_CHECK = 20  # held-out R_k items needed to re-check an expert after pruning
 
 
@@ -200,19 +205,24 @@ class ExpertPool(nn.Module):
 
     `losses(x, y)` evaluates every expert in one call: `torch.func.stack_module_state` +
     `functional_call` under `vmap` over a stacked-parameter cache (`batched=True`), one
-    batched matrix product per layer over stacked weights for plain MLP experts
-    (`stack=True`: Flatten, Linear and activations only; what a CPU runs fastest, a Python
-    loop over K module calls costs K times the per-call overhead), or a Python loop. The
-    caches are refreshed slice by slice after each training step and rebuilt on spawn, prune
-    and load.
+    call per layer over stacked weights for plain feed-forward experts (`stack=True`,
+    `stackable`: what a CPU runs fastest, a Python loop over K module calls costs K times
+    the per-call overhead and K tiny kernels), or a Python loop. The stacked forward: the
+    first convolution runs the K experts' kernels concatenated along its output channels
+    (they share the input), later ones as one grouped convolution (`groups=K`), activations
+    and pooling act per channel, Flatten turns expert k's channels into row k of [K, B, F],
+    and each Linear is one batched matrix product over the stacked weights. Image
+    activations are kept channels-last (a CPU's grouped convolution and pooling run several
+    times faster so). The caches are refreshed slice by slice after each training step and
+    rebuilt on spawn, prune and load.
     """
 
     def __init__(self, output: str = "sigmoid", batched: bool = False,
                  stack: bool = False) -> None:
         super().__init__()
         self.output, self.batched, self.stack = output, batched, stack
-        self._mlp: list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]] | None = None
-        self._mlp_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._plan: list[StackStep] | None = None
+        self._plan_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.experts = nn.ModuleList()
         self.masks = nn.ModuleList()  # per expert: a module whose buffers are the masks
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
@@ -273,45 +283,90 @@ class ExpertPool(nn.Module):
 
     def invalidate(self) -> None:
         self._stack = None
-        self._mlp = None
-        self._mlp_views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._plan = None
+        self._plan_views = {}
+
+    @staticmethod
+    def _leaves(expert: nn.Module) -> list[nn.Module]:
+        """The expert's layers in order, nested `nn.Sequential`s expanded."""
+        return [leaf for m in expert
+                for leaf in (ExpertPool._leaves(m) if isinstance(m, nn.Sequential) else [m])]
 
     def stackable(self) -> bool:
-        """Plain MLP experts (Flatten first, then Linear layers and elementwise activations
-        only): what the stacked-weight forward computes."""
-        if not self.experts:
+        """Plain feed-forward experts the stacked forward computes: `nn.Sequential`s of
+        convolutions (groups 1, zero padding) with per-channel activations and pooling,
+        then Flatten, then Linear layers with elementwise activations (an MLP: Flatten or
+        nothing first, then Linear layers and activations)."""
+        if not self.experts or not isinstance(self.experts[0], nn.Sequential):
             return False
-        e = self.experts[0]
-        mods = list(e) if isinstance(e, nn.Sequential) else []
-        body = mods[1:] if mods and isinstance(mods[0], nn.Flatten) else mods
-        return bool(body) and isinstance(body[0], nn.Linear) and all(
-            isinstance(m, (nn.Linear, *MLP_ACTIVATIONS)) for m in body)
+        stage, weighted = "input", False  # input -> (conv ->) flat (-> rows)
+        for m in self._leaves(self.experts[0]):
+            if type(m) in STACK_CONVS:
+                if stage not in ("input", "conv") or m.groups != 1 or m.padding_mode != "zeros":
+                    return False
+                stage, weighted = "conv", True
+            elif isinstance(m, nn.Flatten):
+                if (m.start_dim, m.end_dim) != (1, -1) or stage == "rows":
+                    return False
+                stage = "flat" if stage in ("input", "conv") else stage
+            elif isinstance(m, nn.Linear):
+                if stage == "conv" or (stage == "input" and weighted):
+                    return False
+                stage, weighted = "rows", True
+            elif isinstance(m, STACK_POOLS):
+                if stage != "conv":
+                    return False
+            elif not isinstance(m, (*MLP_ACTIVATIONS, nn.Identity)):
+                return False
+        return stage == "rows"
 
-    def _mlp_plan(self) -> list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]]:
-        """Per layer of the experts: (activation or Flatten module, -, -) or (None, weights
-        transposed and stacked [K, in, out], biases [K, 1, out])."""
-        if self._mlp is None:
-            plan: list[tuple[nn.Module | None, torch.Tensor, torch.Tensor]] = []
-            empty = torch.empty(0)
-            for i, m in enumerate(self.experts[0]):
-                if isinstance(m, nn.Linear):
-                    w = torch.stack([e[i].weight.detach().T for e in self.experts])
-                    b = torch.stack([e[i].bias.detach() for e in self.experts]).unsqueeze(1)
-                    plan.append((None, w.contiguous(), b))
+    def _stack_plan(self) -> list[StackStep]:
+        """Per layer of the experts: ("mod", module) or the K experts' weights stacked:
+        ("conv", -, [K * out, in, ...] (channels-last), [K * out], groups) or
+        ("linear", -, [K, in, out] transposed, [K, 1, out], -)."""
+        if self._plan is None:
+            layers = [self._leaves(e) for e in self.experts]
+            plan: list[StackStep] = []
+            convs = 0
+            for i, m in enumerate(layers[0]):
+                if type(m) in STACK_CONVS:
+                    w = torch.cat([ls[i].weight.detach() for ls in layers])
+                    if w.dim() == 4:
+                        w = w.contiguous(memory_format=torch.channels_last)
+                    b = None if m.bias is None else torch.cat([ls[i].bias.detach()
+                                                               for ls in layers])
+                    plan.append(("conv", m, w, b, 1 if convs == 0 else len(layers)))
+                    convs += 1
+                elif isinstance(m, nn.Linear):
+                    w = torch.stack([ls[i].weight.detach().T for ls in layers]).contiguous()
+                    b = None if m.bias is None else torch.stack(
+                        [ls[i].bias.detach() for ls in layers]).unsqueeze(1)
+                    plan.append(("linear", m, w, b, 0))
                 else:
-                    plan.append((m, empty, empty))
-            self._mlp = plan
-        return self._mlp
+                    plan.append(("mod", m, None, None, 0))
+            self._plan = plan
+        return self._plan
 
     def _stacked_logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for m, w, b in self._mlp_plan():
-            if m is not None:
-                h = m(h)
-            elif h.dim() == 2:  # the first layer: every expert reads the same input
-                h = torch.baddbmm(b, h.unsqueeze(0).expand(len(w), -1, -1), w)
+        """[K, B, C] logits of all experts at once (see the class docstring)."""
+        h, k = x, len(self.experts)
+        shared, rows = True, False  # every expert's input is h / h is [K, B, F]
+        for kind, m, w, b, groups in self._stack_plan():
+            if kind == "conv":  # [B, K * C, ...]: expert k's channels are block k
+                h = STACK_CONVS[type(m)](h, w, b, m.stride, m.padding, m.dilation, groups)
+                if h.dim() == 4:
+                    h = h.contiguous(memory_format=torch.channels_last)
+                shared = False
+            elif kind == "linear":
+                if not rows:  # [B, F]: every expert reads the same features
+                    h = h.unsqueeze(0).expand(k, -1, -1)
+                    rows = True
+                h = torch.bmm(h, w) if b is None else torch.baddbmm(b, h, w)
+            elif isinstance(m, nn.Flatten) and not shared:
+                h = h.reshape(len(x), k, -1).transpose(0, 1)
+                rows = True
             else:
-                h = torch.baddbmm(b, h, w)
+                h = m(h)
         return h
 
     # -- forward ------------------------------------------------------------------------------
@@ -361,19 +416,36 @@ class ExpertPool(nn.Module):
                                   self.output, "none")
         return per.view(k, b).mean(1)
 
-    @torch.no_grad()
     def sync_cache(self, k: int) -> None:
         """Copy expert k's parameters and buffers into its slice of the stacked cache."""
-        if self._mlp is not None:
-            pairs = self._mlp_views.get(k)
+        if self._plan is not None or self._stack is not None:  # else nothing to follow
+            self._sync_cache(k)
+
+    @torch.no_grad()
+    def _sync_cache(self, k: int) -> None:
+        if self._plan is not None:
+            pairs = self._plan_views.get(k)
             if pairs is None:  # (cache slices, expert k's tensors): views, kept until rebuilt
-                e = self.experts[k]
+                layers = self._leaves(self.experts[k])
                 pairs = ([], [])
-                for i, (m, w, b) in enumerate(self._mlp):
-                    if m is None:
-                        pairs[0].extend([w[k], b[k, 0]])
-                        pairs[1].extend([e[i].weight.detach().T, e[i].bias.detach()])
-                self._mlp_views[k] = pairs
+                for i, (kind, _m, w, b, _g) in enumerate(self._plan):
+                    if kind == "mod":
+                        continue
+                    mine = layers[i]
+                    if kind == "conv":  # expert k's block of output channels
+                        n = mine.out_channels
+                        pairs[0].append(w[k * n : (k + 1) * n])
+                        pairs[1].append(mine.weight.detach())
+                        if b is not None:
+                            pairs[0].append(b[k * n : (k + 1) * n])
+                            pairs[1].append(mine.bias.detach())
+                    else:
+                        pairs[0].append(w[k])
+                        pairs[1].append(mine.weight.detach().T)
+                        if b is not None:
+                            pairs[0].append(b[k, 0])
+                            pairs[1].append(mine.bias.detach())
+                self._plan_views[k] = pairs
             torch._foreach_copy_(*pairs)
         if self._stack is None:
             return
@@ -411,12 +483,14 @@ class ExpertPool(nn.Module):
         self.set_pruned(k, True)
         self.invalidate()
 
-    @torch.no_grad()
     def apply_masks(self, k: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Re-zero expert k's pruned weights (and their momentum) after a step: the same
         result as masking the gradients, whichever backward path produced them."""
-        if not self._pruned[k]:  # a host list: no device read per step
-            return
+        if self._pruned[k]:  # a host list: no device read per step
+            self._apply_masks(k, optimizer)
+
+    @torch.no_grad()
+    def _apply_masks(self, k: int, optimizer: torch.optim.Optimizer | None) -> None:
         for p, m in self.masked_params(k):
             p.mul_(m)
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
@@ -687,57 +761,77 @@ class DecisionCore:
         det = self.detector
         every = self.eval_experts == "all" or det.chain == "all"
         L = pool.losses(None if every else a)
+        # The one host read per batch: the experts' losses (NaN where not evaluated); the
+        # detector's rule then runs on Python floats (`ShiftDetector`).
+        host = L.tolist()
         det.refresh_threshold(a)
-        # The one host sync per batch: the decision needs these three numbers.
-        s_a, tau_a, loss_a = torch.stack([det.trigger_value(a, L), det.tau[a], L[a]]).tolist()
+        s_a, tau_a, loss_a = det.trigger_value(a, host), det.tau_of(a), host[a]
         kind, new = "stay", a
         if det.fired(a, s_a, loss_a, tau=tau_a):
             det.retract(a)
             if not every:
                 L = pool.losses(None)
-            old = self.recognise(a, det.candidate(L), L)
+                host = L.tolist()
+            old = self.recognise(a, det.candidate(host), host)
             if old is not None:
                 kind, new = "switch", old
             else:
                 L = torch.cat([L, pool.spawn().reshape(1).to(L)])
+                host.append(L[-1].item())
                 kind, new = "spawn", self.add_expert()
-        det.advance_all(L)
-        det.commit(new, L[new])
+        det.advance_all(host)
+        det.commit(new, host[new])
         return Decision(new, kind, L, loss_a, s_a, tau_a)
 
-    def recognise(self, a: int, c: torch.Tensor, L: torch.Tensor) -> int | None:
+    def recognise(self, a: int, c: list[float], L: list[float]) -> int | None:
         """An old expert (not `a`) whose candidate EWMA passes its own frozen threshold:
         the first in creation order, or the one furthest under (`min_margin`)."""
         det = self.detector
         ok = det.recognises(c, L)
         ok[a] = False
-        if not bool(ok.any()):
+        if not any(ok):
             return None
         if self.recognition == "first_fit":
-            return int(torch.nonzero(ok)[0])
-        value = L.to(c.dtype) if det.test in TWO_SAMPLE else c
-        margin = torch.where(ok, value - det.tau, torch.full_like(c, math.inf))
-        return int(torch.argmin(margin))
+            return ok.index(True)
+        value = L if det.test in TWO_SAMPLE else c
+        margin = [f32(f32(v) - det.tau_of(k)) if fit else math.inf
+                  for k, (v, fit) in enumerate(zip(value, ok, strict=True))]
+        return min(range(len(margin)), key=margin.__getitem__)
 
 
 class _Batch:
     """`LossPool` over TAME's experts for one batch; keeps the [K, B, C] logits, and the
     active expert's logits with their graph (`grad`) when its evaluation forward can double
-    as its training forward (no BatchNorm or Dropout: eval and train mode agree)."""
+    as its training forward (no BatchNorm or Dropout: eval and train mode agree). When the
+    active expert's loss is computed alone (one expert, or `on_trigger`), its per-sample
+    losses keep their graph too and their mean is its training loss (`train_loss`: the same
+    gradient as the mean-reduced loss, one loss computation per batch instead of two)."""
 
     def __init__(self, learner: TAME, x: torch.Tensor, y: torch.Tensor, active: int) -> None:
         self.learner, self.x, self.y, self.active = learner, x, y, active
         self.logits = torch.empty(0)
         self.grad: torch.Tensor | None = None
+        self.train_loss: torch.Tensor | None = None
 
     def losses(self, only: int | None) -> torch.Tensor:
         ln, a = self.learner, self.active
         self.logits, self.grad = ln._logits(self.x, only, a)
-        if only is None or ln.n_experts == 1:
+        alone = only is not None or ln.n_experts == 1
+        if not alone:
             return ln._losses(self.logits, self.y)
+        if self.grad is not None:
+            with torch.enable_grad():
+                per = classification_loss(self.grad, self.y, ln.expert_output, "none")
+                self.train_loss = per.mean()
+            # the same numbers as `ln._losses(self.logits[a : a + 1], self.y)`
+            mine = ln.global_mean(per.detach().view(1, -1).mean(1), len(self.y))
+        else:
+            mine = ln._losses(self.logits[a : a + 1], self.y)
+        if ln.n_experts == 1:
+            return mine
         # only the active expert: its loss alone, NaN for the others (not evaluated)
         out = torch.full((ln.n_experts,), math.nan, device=self.logits.device)
-        out[a] = ln._losses(self.logits[a : a + 1], self.y)[0]
+        out[a] = mine[0]
         return out
 
     def spawn(self) -> torch.Tensor:
@@ -784,8 +878,9 @@ class ExpertSettings:
             loss, but weak gradients with many classes).
         eval_experts: `all`, or `on_trigger` (only the active expert until it fires; needs
             `detector.ewma_chain: own`).
-        batched_forward: `auto` (vmap on CUDA; on a CPU stacked weights for MLP experts, else a
-            loop), `vmap`, `stack` (MLP experts: one batched matmul per layer) or `loop`.
+        batched_forward: `auto` (vmap on CUDA; on a CPU stacked weights for plain MLP and
+            conv experts such as `lenet`, else a loop), `vmap`, `stack` (one call per layer
+            over the experts' stacked weights, `ExpertPool.stackable`) or `loop`.
     """
 
     lr: float = 0.01
@@ -1133,8 +1228,9 @@ class TAME(StreamLearner):
             mode = "vmap" if self.device.type == "cuda" else \
                 "stack" if self.pool.stackable() else "loop"
         if mode == "stack" and not self.pool.stackable():
-            raise ValueError("batched_forward: 'stack' needs plain MLP experts (Flatten, Linear "
-                             "and activations); use 'auto', 'vmap' or 'loop'")
+            raise ValueError("batched_forward: 'stack' needs plain feed-forward experts (convs, "
+                             "pooling, Flatten, Linear and activations in nn.Sequential); use "
+                             "'auto', 'vmap' or 'loop'")
         self.pool.batched, self.pool.stack = mode == "vmap", mode == "stack"
         self.pool.invalidate()
 
@@ -1154,9 +1250,11 @@ class TAME(StreamLearner):
         if d.kind == "spawn" and self.prune_when == "on_spawn":
             self._prune_and_retrain(self.active)
         # staying: the evaluation forward (with its graph) is the training forward
-        self._train_step(d.active, x, y, batch.grad if d.kind == "stay" else None)
+        stay = d.kind == "stay"
+        self._train_step(d.active, x, y, batch.grad if stay else None,
+                         batch.train_loss if stay else None)
         self._remember(*self.gather_batch(x, y), d.active)  # identical memories on all ranks
-        self.active = d.active
+        self.__dict__["active"] = d.active  # a plain int: nn.Module.__setattr__ is slow
         self._record(d)
         return batch.logits[d.active].detach(), d.losses[d.active].detach()
 
@@ -1197,13 +1295,16 @@ class TAME(StreamLearner):
         return self.global_mean(self.pool.losses(logits, y), len(y))
 
     def _train_step(self, k: int, x: torch.Tensor, y: torch.Tensor,
-                    logits: torch.Tensor | None = None) -> None:
+                    logits: torch.Tensor | None = None,
+                    loss: torch.Tensor | None = None) -> None:
         """One SGD step of expert k only (through `StreamLearner.update`, so update hooks and
         Lightning's backward run as for any learner); pruned weights stay zero. `logits`:
-        expert k's forward on x with its graph, if already computed."""
+        expert k's forward on x with its graph, and `loss` its training loss, if already
+        computed."""
         opt = self.optimizers_[k]
-        out = self.pool.experts[k](x) if logits is None else logits
-        loss = classification_loss(out, y, self.expert_output)
+        if loss is None:
+            out = self.pool.experts[k](x) if logits is None else logits
+            loss = classification_loss(out, y, self.expert_output)
         self.update(opt, loss, n=len(x))
         self.expert_steps[k] += 1
         if self.prune_when == "gradual":
