@@ -2,12 +2,13 @@
 
 Reservoir sampling (Vitter's algorithm R) keeps each of the n items seen so far with
 probability M/n, without knowing n in advance: the task-free way to store a memory.
-Its random draws come from its own checkpointed generator, so a resumed run draws the same.
+Its random draws come from its own checkpointed generators, so a resumed run draws the same.
 """
 
 from __future__ import annotations
 
 import heapq
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,21 @@ INF = float("inf")
 
 
 class ReservoirBuffer(nn.Module):
-    """Fixed-capacity uniform memory of `(x, y)` pairs; state lives in the module state_dict."""
+    """Fixed-capacity uniform memory of `(x, y)` pairs; state lives in the module state_dict.
+
+    Algorithm R's decisions (item t, 0-based, enters with probability M/(t+1), into a
+    uniform slot) are drawn by skipping ahead: one uniform gives the index of the next item
+    that enters (Vitter 1985, Algorithm X), so a batch in which nothing enters, nearly every
+    batch once the stream is long, costs one integer comparison and no random draw. The
+    decisions come from a Python `random.Random` (a scalar draw costs ~50 ns, a torch draw
+    ~4 µs); the replay draws from a `torch.Generator`. Both states are checkpointed.
+
+    `replay_batch` serves a replay learner's step ([batch; k memory draws], then the batch
+    offered) at a cost that does not grow with the memory's bookkeeping: see there.
+    """
+
+    BLOCK_ROWS = 1024
+    """Rows of [batch; draws] that `replay_batch` prepares at once (at most 32 steps)."""
 
     def __init__(self, capacity: int, input_shape: Sequence[int], seed: int = 0) -> None:
         super().__init__()
@@ -29,58 +44,247 @@ class ReservoirBuffer(nn.Module):
         self.register_buffer("x", torch.zeros(capacity, *input_shape))
         self.register_buffer("y", torch.zeros(capacity, dtype=torch.int64))
         self.n_seen = 0
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)  # replay draws
+        self.rng = random.Random(seed)  # reservoir decisions
+        self.next_entry = 0  # stream index of the next item to enter (= n_seen while filling)
         self._idx: torch.Tensor | None = None  # `sample_into`'s index buffer
+        self._fill_buf: tuple[torch.Tensor, ...] | None = None  # `replay_batch` while filling
+        self._block: _ReplayBlock | None = None  # `replay_batch` once full
+        self._resume: dict[str, Any] | None = None  # a loaded block's draws and step
 
     def __len__(self) -> int:
         return min(self.n_seen, self.capacity)
 
+    def _skip(self, t: int) -> int:
+        """The index of the first item at or after item `t` (t >= capacity) that enters.
+        Items enter independently, item i with probability M/(i+1), so P(none of t..m
+        enters) = prod_{i=t..m} (i+1-M)/(i+1); the first m where that falls below one
+        uniform is the answer (inversion by sequential search: a float multiply per skipped
+        item)."""
+        u = 1.0 - self.rng.random()  # in (0, 1]
+        k = self.capacity
+        q = (t + 1 - k) / (t + 1)
+        while q >= u:
+            t += 1
+            q *= (t + 1 - k) / (t + 1)
+        return t
+
+    def _entries(self, b: int) -> dict[int, int]:
+        """Reservoir decisions for the next `b` items, counted as seen: slot -> the batch
+        row that ends up there (a later item wins a slot shared within the batch). Rows that
+        fill an empty slot are not in it: `add` copies them as one slice."""
+        n, cap = self.n_seen, self.capacity
+        end = n + b
+        state = self.__dict__  # plain ints: nn.Module.__setattr__ costs ~1.5 µs a call
+        state["n_seen"] = end
+        t = state["next_entry"]
+        if t >= end:  # nothing in this batch enters
+            return {}
+        if t < cap:  # filling: rows t-n.. take slots t..; decisions start at the capacity
+            t = self._skip(cap) if end >= cap else end
+        winner: dict[int, int] = {}
+        rand = self.rng.random
+        while t < end:
+            winner[int(rand() * cap)] = t - n
+            t = self._skip(t + 1)
+        state["next_entry"] = t
+        return winner
+
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Offer a batch; item t (0-based count over the stream) takes slot t while the buffer
-        fills, then slot j ~ U{0..t} if j < capacity. Later items win a shared slot, exactly as
-        one-at-a-time insertion would. A batch is a handful of items, so the slot logic runs
-        on Python ints and the tensors see one slice or one indexed copy."""
-        b, n, cap = len(x), self.n_seen, self.capacity
-        fill = max(0, min(b, cap - n))
+        fills, then, if it enters, a uniform slot. Later items win a shared slot, exactly as
+        one-at-a-time insertion would. The tensors see one slice or one indexed copy."""
+        self.flush()
+        n = self.n_seen
+        fill = max(0, min(x.shape[0], self.capacity - n))
+        winner = self._entries(x.shape[0])
         if fill:
             self.x[n : n + fill] = x[:fill]
             self.y[n : n + fill] = y[:fill]
-        if fill < b:
-            draws = torch.rand(b - fill, generator=self.gen, dtype=torch.float64).tolist()
-            winner: dict[int, int] = {}  # slot -> last item index that drew it
-            for i, u in enumerate(draws, start=fill):
-                j = int(u * (n + i + 1))
-                if j < cap:
-                    winner[j] = i
-            if winner:
-                dst = torch.tensor(list(winner), device=self.x.device)
-                src = torch.tensor(list(winner.values()), device=x.device)
-                self.x[dst] = x[src].to(self.x.dtype)
-                self.y[dst] = y[src]
-        self.n_seen = n + b
+        if winner:
+            mx, my = self.x, self.y
+            dst = torch.tensor(list(winner), device=mx.device)
+            src = torch.tensor(list(winner.values()), device=x.device)
+            mx.index_copy_(0, dst, x.index_select(0, src).to(mx.device, mx.dtype))
+            my.index_copy_(0, dst, y.index_select(0, src).to(my.device, my.dtype))
 
     def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k items drawn uniformly with replacement from what is stored."""
+        self.flush()
         idx = torch.randint(0, len(self), (k,), generator=self.gen).to(self.x.device)
         return self.x[idx], self.y[idx]
 
     def sample_into(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """`sample(len(x))` written into preallocated `x`, `y` (the same draws from the same
         generator): a replay batch without new tensors per step."""
-        k = len(x)
-        if self._idx is None or len(self._idx) != k:
-            self._idx = torch.empty(k, dtype=torch.int64)
-        torch.randint(0, len(self), (k,), generator=self.gen, out=self._idx)
-        idx = self._idx if self.x.device.type == "cpu" else self._idx.to(self.x.device)
-        torch.index_select(self.x, 0, idx, out=x)
-        torch.index_select(self.y, 0, idx, out=y)
+        self.flush()
+        k = x.shape[0]
+        idx = self._idx
+        if idx is None or idx.shape[0] != k:
+            idx = self._idx = torch.empty(k, dtype=torch.int64)
+        torch.randint(0, len(self), (k,), generator=self.gen, out=idx)
+        mx, my = self.x, self.y
+        if mx.device.type != "cpu":
+            idx = idx.to(mx.device)
+        torch.index_select(mx, 0, idx, out=x)
+        torch.index_select(my, 0, idx, out=y)
+
+    # -- a replay learner's step ---------------------------------------------------------------
+    def replay_batch(
+        self, x: torch.Tensor, y: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[x; k items drawn uniformly with replacement from the memory] and [y; their
+        labels], then `add(x, y)`: one step of experience replay. The draws see the memory as
+        it was before this batch, exactly as `sample_into` then `add` would (the memory must
+        hold something). The two tensors are reused: valid until the next call.
+
+        While the memory fills, that is what runs. Once it is full the draws of up to 32
+        steps (`BLOCK_ROWS`) are made and gathered at once into a block holding each step's
+        [batch; draws]; a step then copies its batch in and returns the block's row. An item
+        that enters the memory is written into the block's later rows that drew its slot
+        (so every draw sees the memory of its own step), and into the memory itself when
+        the block is used up (`flush`; `state_dict`, `add` and `sample` flush first). A step
+        thus costs two copies, plus an indexed copy on the few steps whose items enter and
+        were drawn later in the block, instead of a draw, two gathers and two writes."""
+        n = x.shape[0]
+        if self.n_seen < self.capacity:
+            return self._replay_filling(x, y, k)
+        blk = self._block
+        if blk is None or blk.s == blk.steps or not blk.fits(x, y, k):
+            blk = self._new_block(x, y, k)
+        s = blk.s
+        inp, tgt, bx, by = blk.views[s]
+        bx.copy_(x)
+        by.copy_(y)
+        blk.s = s + 1
+        winner = self._entries(n)
+        if winner:
+            row, first = s * (n + k), (s + 1) * k  # the batch's rows; later steps' draws
+            dst: list[int] = []
+            src: list[int] = []
+            for slot, i in winner.items():
+                blk.pending[slot] = row + i
+                for p in blk.where.get(slot, ()):
+                    if p >= first:
+                        dst.append(p // k * (n + k) + n + p % k)
+                        src.append(row + i)
+            if dst:
+                d = torch.tensor(dst).to(blk.x.device)
+                r = torch.tensor(src).to(blk.x.device)
+                blk.flat_x.index_copy_(0, d, blk.flat_x.index_select(0, r))
+                blk.flat_y.index_copy_(0, d, blk.flat_y.index_select(0, r))
+        return inp, tgt
+
+    def _replay_filling(
+        self, x: torch.Tensor, y: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        buf = self._fill_buf
+        if buf is None or buf[2].shape != x.shape or buf[1].shape[0] != n + k \
+                or buf[0].dtype != x.dtype or buf[0].device != x.device:
+            inp = torch.empty(n + k, *x.shape[1:], dtype=x.dtype, device=x.device)
+            tgt = torch.empty(n + k, dtype=y.dtype, device=y.device)
+            buf = self._fill_buf = (inp, tgt, inp[:n], tgt[:n], inp[n:], tgt[n:])
+        inp, tgt, bx, by, mx, my = buf
+        bx.copy_(x)
+        by.copy_(y)
+        self.sample_into(mx, my)
+        self.add(x, y)
+        return inp, tgt
+
+    def _new_block(self, x: torch.Tensor, y: torch.Tensor, k: int) -> _ReplayBlock:
+        """Flush the last block; draw the next block's indices (or take a loaded block's)
+        and gather its draws from the memory."""
+        self.flush()
+        n = x.shape[0]
+        blk = self._block
+        if blk is None or not blk.fits(x, y, k):
+            steps = max(1, min(32, self.BLOCK_ROWS // (n + k)))
+            blk = self._block = _ReplayBlock(x, y, k, steps)
+        resume, self._resume = self._resume, None
+        if resume is not None and (resume["n"], resume["k"]) == (n, k):
+            draws, blk.s = list(resume["draws"]), int(resume["step"])
+        else:
+            draws = torch.randint(0, self.capacity, (blk.steps * k,),
+                                  generator=self.gen).tolist()
+            blk.s = 0
+        blk.set_draws(draws)
+        first = blk.s * k
+        idx = torch.tensor(draws[first:], device=self.x.device)
+        mx = self.x.index_select(0, idx).to(blk.x.device, blk.x.dtype)
+        my = self.y.index_select(0, idx).to(blk.y.device, blk.y.dtype)
+        blk.x[blk.s :, n:].copy_(mx.view(blk.steps - blk.s, k, *mx.shape[1:]))
+        blk.y[blk.s :, n:].copy_(my.view(blk.steps - blk.s, k))
+        return blk
+
+    def flush(self) -> None:
+        """Write the entries `replay_batch` holds back into the memory tensors."""
+        blk = self._block
+        if blk is None or not blk.pending:
+            return
+        mx, my = self.x, self.y
+        dst = torch.tensor(list(blk.pending), device=mx.device)
+        src = torch.tensor(list(blk.pending.values()), device=blk.x.device)
+        mx.index_copy_(0, dst, blk.flat_x.index_select(0, src).to(mx.device, mx.dtype))
+        my.index_copy_(0, dst, blk.flat_y.index_select(0, src).to(my.device, my.dtype))
+        blk.pending = {}
+
+    # -- state ---------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str,
+                            keep_vars: bool) -> None:
+        self.flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"n_seen": self.n_seen, "gen": self.gen.get_state()}
+        version, mt, gauss = self.rng.getstate()
+        state = {"n_seen": self.n_seen, "gen": self.gen.get_state(),
+                 "next_entry": self.next_entry, "rng": [version, list(mt), gauss]}
+        blk = self._block
+        if blk is not None and blk.s < blk.steps:  # the block's remaining draws
+            state["block"] = {"draws": blk.draws, "step": blk.s, "n": blk.n, "k": blk.k}
+        elif self._resume is not None:
+            state["block"] = self._resume
+        return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.n_seen = int(state["n_seen"])
         self.gen.set_state(state["gen"])
+        self._block, self._resume = None, None
+        if "rng" in state:
+            version, mt, gauss = state["rng"]
+            self.rng.setstate((version, tuple(mt), gauss))
+            self.next_entry = int(state["next_entry"])
+        else:  # written before the skip-ahead: decisions go on from this generator's state
+            n = self.n_seen
+            self.next_entry = n if n < self.capacity else self._skip(n)
+        self._resume = state.get("block")
+
+
+class _ReplayBlock:
+    """`ReservoirBuffer.replay_batch`'s prepared steps: `x[s]` = [batch s; its k draws]."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, k: int, steps: int) -> None:
+        n = x.shape[0]
+        self.n, self.k, self.steps, self.s = n, k, steps, 0
+        self.x = torch.empty(steps, n + k, *x.shape[1:], dtype=x.dtype, device=x.device)
+        self.y = torch.empty(steps, n + k, dtype=y.dtype, device=y.device)
+        self.flat_x = self.x.view(steps * (n + k), *x.shape[1:])
+        self.flat_y = self.y.view(-1)
+        self.views = [(self.x[s], self.y[s], self.x[s, :n], self.y[s, :n]) for s in range(steps)]
+        self.draws: list[int] = []
+        self.where: dict[int, list[int]] = {}  # slot -> positions in `draws` that drew it
+        self.pending: dict[int, int] = {}  # slot -> row of `flat_x` to write there
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor, k: int) -> bool:
+        bx = self.views[0][2]
+        return (k == self.k and bx.shape == x.shape and bx.dtype == x.dtype
+                and bx.device == x.device and self.y.dtype == y.dtype)
+
+    def set_draws(self, draws: list[int]) -> None:
+        self.draws = draws
+        self.where = {}
+        for p, slot in enumerate(draws):
+            self.where.setdefault(slot, []).append(p)
 
 
 class BottomKBuffer(nn.Module):

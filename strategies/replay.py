@@ -30,44 +30,30 @@ class Replay(Finetune):
         require_positive("replay_batch_size", replay_batch_size, allow_none=True)
         self.replay_batch_size = replay_batch_size or self.batch_size
         self.memory = ReservoirBuffer(memory_size, self.input_shape, seed=self.seed)
-        self._replay_buf: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._one_process = True  # no data parallelism: no gather/share of the memory
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._one_process = self.trainer.world_size == 1
 
     def training_loss(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        n = len(x)
-        trainer = self.host_trainer
         mem = self.memory
-        if len(mem) and (trainer is None or trainer.world_size == 1) \
-                and x.dtype == mem.x.dtype and y.dtype == mem.y.dtype:
-            inp, tgt = self._replay_batch(x, y)
+        one = self._one_process
+        if one and mem.n_seen and x.dtype == mem.x.dtype and y.dtype == mem.y.dtype:
+            # [x; draws] in tensors the memory keeps across steps; it also adds x itself.
+            inp, tgt = mem.replay_batch(x, y, self.replay_batch_size)
             out = self.model(inp)
-            loss = F.cross_entropy(out, tgt)
-        elif len(self.memory):
+            return out[: x.shape[0]], F.cross_entropy(out, tgt), out.shape[0]
+        if mem.n_seen:
             # Every process holds the same memory and generator: each takes its share of one
             # replay draw, so data parallelism replays exactly what one process would.
-            mx, my = self.local_share(*self.memory.sample(self.replay_batch_size))
+            mx, my = self.local_share(*mem.sample(self.replay_batch_size))
             out = self.model(torch.cat([x, mx]))
             loss = F.cross_entropy(out, torch.cat([y, my]))
         else:
             out = self.model(x)
             loss = F.cross_entropy(out, y)
-        self.memory.add(*self.gather_batch(x, y))
-        return out[:n], loss, len(out)
-
-    def _replay_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[x; memory draw] and [y; its labels] in two tensors kept across steps: one
-        forward over the concatenated batch, no allocation per step (the draw is the same
-        as `memory.sample`'s). Safe to overwrite: the previous step's backward is done."""
-        n, r = len(x), self.replay_batch_size
-        buf = self._replay_buf
-        if buf is None or len(buf[0]) != n + r or buf[0].device != x.device \
-                or buf[0].dtype != x.dtype:
-            buf = (torch.empty(n + r, *x.shape[1:], dtype=x.dtype, device=x.device),
-                   torch.empty(n + r, dtype=y.dtype, device=y.device))
-            self._replay_buf = buf
-        inp, tgt = buf
-        inp[:n].copy_(x)
-        tgt[:n].copy_(y)
-        self.memory.sample_into(inp[n:], tgt[n:])
-        return inp, tgt
+        mem.add(*self.gather_batch(x, y))
+        return out[: len(x)], loss, len(out)
