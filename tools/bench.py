@@ -12,6 +12,12 @@ StreamEvaluator recording online accuracy on every chunk (boundary evaluations o
     python tools/bench.py --device cuda        # the same on the GPU (tools/gpu_check.sh)
     python tools/bench.py --quick              # MLP, batch 10 only
     python tools/bench.py --whole-runs         # also every committed digits config end to end
+    python tools/bench.py --tta                # also the TTA learners (needs the source export)
+
+`--tta` adds a table of the test-time learners (configs/tta/*_digits.yaml settings, the
+lenet_bn source export, the continual corrupted-digits stream of tta_report.py with each
+corruption's pool passed once: 12 x 432 samples, batch 64), each against a plain PyTorch loop
+doing the same work on the same batches (see `TTA_REFERENCES`), and against a plain forward.
 
 The whole-run table runs each `configs/*/*digits*.yaml` as `adaptlab fit` in a fresh process
 (interpreter start and imports included, as a user sees it; logs in a temporary folder) and
@@ -72,6 +78,48 @@ def plain_loop(st: Stream, backbone: str, lr: float, device: str) -> float:
     return time.perf_counter() - t
 
 
+def plain_replay_loop(st: Stream, backbone: str, lr: float, device: str,
+                      memory: int = 500) -> float:
+    """Replay's work written as a plain loop: each step trains on [batch; as many samples
+    drawn from a reservoir memory] (one forward over 2B rows), then offers the batch to the
+    memory (Algorithm R, one decision per item)."""
+    import random
+
+    model = _model(st, backbone).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y, b = st.x.to(device), st.y.to(device), st.batch_size
+    mem_x = torch.zeros(memory, *x.shape[1:], device=device)
+    mem_y = torch.zeros(memory, dtype=torch.int64, device=device)
+    inp = torch.empty(2 * b, *x.shape[1:], device=device)
+    tgt = torch.empty(2 * b, dtype=torch.int64, device=device)
+    idx = torch.empty(b, dtype=torch.int64, device=device)
+    gen, rng, seen = torch.Generator(device).manual_seed(0), random.Random(0), 0
+    _sync(device)
+    t = time.perf_counter()
+    for s in range(0, len(y), b):
+        xb, yb = x[s : s + b], y[s : s + b]
+        if seen and len(yb) == b:
+            inp[:b].copy_(xb)
+            tgt[:b].copy_(yb)
+            torch.randint(0, min(seen, memory), (b,), generator=gen, out=idx)
+            torch.index_select(mem_x, 0, idx, out=inp[b:])
+            torch.index_select(mem_y, 0, idx, out=tgt[b:])
+            loss = F.cross_entropy(model(inp), tgt)
+        else:
+            loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for i in range(len(yb)):
+            j = seen if seen < memory else rng.randrange(seen + 1)
+            if j < memory:
+                mem_x[j] = xb[i]
+                mem_y[j] = yb[i]
+            seen += 1
+    _sync(device)
+    return time.perf_counter() - t
+
+
 def lightning_plain(st: Stream, backbone: str, lr: float, device: str) -> float:
     """Lightning's ordinary path: automatic optimisation over a TensorDataset DataLoader."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -112,12 +160,18 @@ class _TrainTimer(pl.Callback):
 
 def adaptlab_run(st: Stream, learner_cls, device: str, batches_per_step: int = 50,
                  prepare: Callable | None = None, **learner_args) -> float:
-    from adaptlab.evaluation import StreamEvaluator
-
     learner = learner_cls(input_shape=st.input_shape, n_classes=st.n_classes,
                           batch_size=st.batch_size, seed=0, **learner_args)
     if prepare is not None:
         prepare(learner)
+    return fit_timed(st, learner, device, batches_per_step)
+
+
+def fit_timed(st: Stream, learner: pl.LightningModule, device: str,
+              batches_per_step: int = 50) -> float:
+    """Seconds of `learner`'s training on `st` through Lightning with the evaluator."""
+    from adaptlab.evaluation import StreamEvaluator
+
     timer = _TrainTimer()
     evaluator = StreamEvaluator(init_eval=False, figures=False, print_table=False)
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
@@ -181,6 +235,8 @@ def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Cal
             lambda: adaptlab_run(st, Finetune, device, 1, **common),
         "adaptlab Finetune": lambda: adaptlab_run(st, Finetune, device, **common),
         "Avalanche Naive": lambda: avalanche_naive(st, backbone, lr, device),
+        "plain PyTorch replay loop (Replay's work)":
+            lambda: plain_replay_loop(st, backbone, lr, device),
         "adaptlab Replay (2x the work per step)":
             lambda: adaptlab_run(st, Replay, device, memory_size=500, **common),
     }
@@ -197,6 +253,191 @@ def variants(st: Stream, backbone: str, lr: float, device: str) -> dict[str, Cal
         st, TAME, device, prepare=_with_experts(20),
         experts={**experts, "eval_experts": "on_trigger"}, **tame)
     return out
+
+
+# -- test-time adaptation -----------------------------------------------------------------------
+TTA_METHODS = ("noadapt", "bn", "tent", "eata", "sar", "cotta", "lame")
+TTA_REFERENCES = {
+    "noadapt": "plain forward, BatchNorm on the source statistics (eval mode), no grad",
+    "bn": "plain forward, BatchNorm on the batch's statistics, no grad",
+    "tent": "plain TENT step: forward, mean entropy, backward, Adam on the BN affine params",
+    "eata": "the plain TENT step (EATA's sample selection and Fisher penalty are its own work)",
+    "sar": "plain SAM step on the mean entropy: two forward/backward passes, SGD (momentum) "
+           "on the BN affine params (SAR's sample filtering left out)",
+    "cotta": "plain CoTTA step: anchor forward, teacher forward (32 augmented ones when the "
+             "anchor is unsure, the same torchvision augmentations), student forward/backward, "
+             "Adam on all weights, EMA teacher, stochastic restore",
+    "lame": "plain eval forward, then the same kNN affinity and Laplacian solver functions",
+}
+
+
+def _tta_tools():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import tta_report
+
+    return tta_report
+
+
+def tta_stream():
+    """tta_report's continual corrupted-digits stream, each corruption's pool passed once."""
+    tr = _tta_tools()
+    return tr.build_stream({**tr.stream_args({}, 0), "repeats": 1})
+
+
+def _batch_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Plain PyTorch's test-batch normalisation: BatchNorm in train mode without running
+    statistics."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    return model.train()
+
+
+def plain_tta(method: str, st: Stream, device: str) -> float:
+    """Seconds of the plain PyTorch loop that does `method`'s work (`TTA_REFERENCES`)."""
+    import copy
+
+    from adaptlab.strategies.tta import (
+        cotta_augmentations,
+        entropy,
+        knn_affinity,
+        laplacian_optimization,
+        load_source,
+        norm_affine,
+    )
+
+    tr = _tta_tools()
+    cfg = tr.config(method)["model"]["init_args"]
+    model, _ = load_source(str(tr.ROOT / cfg["source"]), input_shape=st.input_shape,
+                           n_classes=st.n_classes, backbone=None, backbone_args=None)
+    model = model.to(device)
+    if method in ("noadapt", "lame"):
+        model.eval().requires_grad_(False)
+    else:
+        _batch_statistics(model)
+    affine = norm_affine(model)
+    if method in ("tent", "eata", "sar"):
+        model.requires_grad_(False)
+        for p in affine:
+            p.requires_grad_(True)
+
+    if method in ("noadapt", "bn"):
+        def step(xb):
+            with torch.no_grad():
+                return model(xb)
+    elif method in ("tent", "eata"):
+        opt = torch.optim.Adam(affine, lr=cfg.get("lr", 1e-3))
+
+        def step(xb):
+            logits = model(xb)
+            loss = entropy(logits).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    elif method == "sar":
+        opt = torch.optim.SGD(affine, lr=cfg["lr"], momentum=cfg.get("momentum", 0.9))
+        rho = cfg.get("rho", 0.05)
+
+        def step(xb):
+            opt.zero_grad(set_to_none=True)
+            entropy(model(xb)).mean().backward()
+            with torch.no_grad():
+                grads = [p.grad for p in affine]
+                scale = rho / (torch.stack([g.norm() for g in grads]).norm() + 1e-12)
+                climb = torch._foreach_mul(grads, scale)
+                torch._foreach_add_(affine, climb)
+            opt.zero_grad(set_to_none=True)
+            entropy(model(xb)).mean().backward()
+            with torch.no_grad():
+                torch._foreach_sub_(affine, climb)
+            opt.step()
+    elif method == "cotta":
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        anchor = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.get("lr", 1e-3))
+        augment = cotta_augmentations(st.input_shape, cfg.get("hflip", True))
+        m, thr = cfg.get("teacher_momentum", 0.999), cfg.get("confidence_threshold", 0.92)
+        n_aug, restore = cfg.get("n_augmentations", 32), cfg.get("restore_prob", 0.01)
+
+        def step(xb):
+            with torch.no_grad():
+                if float(anchor(xb).softmax(1).amax(1).mean()) >= thr:
+                    target = teacher(xb)
+                else:
+                    target = torch.stack([teacher(augment(xb)) for _ in range(n_aug)]).mean(0)
+            student = model(xb)
+            loss = -(target.softmax(1) * student.log_softmax(1)).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for t, p in zip(teacher.parameters(), model.parameters()):
+                    t.mul_(m).add_(p, alpha=1 - m)
+                for p, p0 in zip(model.parameters(), anchor.parameters()):
+                    p.copy_(torch.where(torch.rand(p.shape, device=device) < restore, p0, p))
+    elif method == "lame":
+        feats: list[torch.Tensor] = []
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.register_forward_pre_hook(lambda _m, args: feats.append(args[0]))
+        knn, lam = cfg.get("knn", 5), cfg.get("bound_lambda", 1.0)
+
+        def step(xb):
+            with torch.no_grad():
+                feats.clear()
+                logits = model(xb)
+                f = F.normalize(feats.pop().flatten(1), dim=-1)
+                w = knn_affinity(f, knn)
+                return laplacian_optimization(-logits.log_softmax(-1), 0.5 * (w + w.t()), lam,
+                                              cfg.get("max_steps", 100))
+    else:
+        raise ValueError(f"bench: no plain reference for TTA method {method!r}")
+
+    batches = st.x.to(device).split(st.batch_size)
+    _sync(device)
+    t = time.perf_counter()
+    for xb in batches:
+        step(xb)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def adaptlab_tta(method: str, st: Stream, device: str) -> float:
+    """The TTA learner of configs/tta/<method>_digits.yaml through Lightning and the
+    evaluator, as `adaptlab fit` runs it."""
+    return fit_timed(st, _tta_tools().make_learner(method, st, 0), device)
+
+
+def tta_table(methods: list[str], rounds: int, device: str) -> None:
+    tr = _tta_tools()
+    source = tr.ROOT / tr.config("noadapt")["model"]["init_args"]["source"]
+    if not source.is_file():
+        print(f"\nTTA rows skipped: no source export at {source} "
+              "(adaptlab fit --config configs/tta/source_digits.yaml)")
+        return
+    st = tta_stream()
+    runs: dict[str, Callable[[], float]] = {}
+    for m in methods:
+        runs[f"plain {m}"] = lambda m=m: plain_tta(m, st, device)
+        runs[m] = lambda m=m: adaptlab_tta(m, st, device)
+    plain_tta("noadapt", st, device)  # warm-up
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            best[name] = min(fn(), best.get(name, float("inf")))
+    forward = best.get("plain noadapt") or plain_tta("noadapt", st, device)
+    print(f"\nTest-time adaptation ({len(st):,} corrupted-digits samples, batch "
+          f"{st.batch_size}, lenet_bn source; best of {rounds} interleaved rounds). "
+          "`× plain` is the ratio of samples/s to the plain PyTorch loop doing the same work "
+          "(below); `cost` is time per batch over a plain eval forward:\n")
+    print("| method | samples/s | plain loop samples/s | × plain | cost (× forward) |\n"
+          "|---|---:|---:|---:|---:|")
+    for m in methods:
+        rate, plain = len(st) / best[m], len(st) / best[f"plain {m}"]
+        print(f"| {tr.NAMES[m]} | {rate:,.0f} | {plain:,.0f} | {rate / plain:.2f} | "
+              f"{best[m] / forward:.1f} |", flush=True)
+    print("\nPlain references:")
+    for m in methods:
+        print(f"- {tr.NAMES[m]}: {TTA_REFERENCES[m]}")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,6 +481,15 @@ def whole_runs(patterns: list[str], rounds: int) -> None:
               f"{'—' if online is None else f'{online:.4f}'} |", flush=True)
 
 
+def _setup(args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is available")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20, help="passes per segment")
@@ -254,21 +504,23 @@ def main() -> None:
                     help="also time every committed digits config end to end")
     ap.add_argument("--whole-only", action="store_true", help="only the whole-run table")
     ap.add_argument("--whole-rounds", type=int, default=1)
+    ap.add_argument("--tta", action="store_true",
+                    help="also the TTA learners against plain TTA loops (a few minutes)")
+    ap.add_argument("--tta-only", action="store_true", help="only the TTA table")
+    ap.add_argument("--tta-methods", nargs="+", default=list(TTA_METHODS), choices=TTA_METHODS)
     ap.add_argument("--configs", nargs="+", default=["configs/*/*digits*.yaml"],
                     help="globs of the whole-run configs (relative to the repository)")
     args = ap.parse_args()
     if args.whole_only:
         whole_runs(args.configs, args.whole_rounds)
         return
+    if args.tta_only:
+        _setup(args)
+        tta_table(args.tta_methods, args.rounds, args.device)
+        return
     if args.quick:
         args.batch_sizes, args.backbones = [10], ["mlp"]
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but no CUDA device is available")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
+    _setup(args)
     dev_name = torch.cuda.get_device_name() if args.device == "cuda" else (
         platform.processor() or platform.machine())
     print(f"Split-Digits x {args.repeats} passes per segment; torch {torch.__version__}, "
@@ -293,6 +545,8 @@ def main() -> None:
                 rate = len(st) / secs
                 print(f"| {backbone} | {b} | {name} | {rate:,.0f} | {rate / base:.2f} |",
                       flush=True)
+    if args.tta:
+        tta_table(args.tta_methods, args.rounds, args.device)
     if args.whole_runs:
         whole_runs(args.configs, args.whole_rounds)
 
