@@ -413,6 +413,22 @@ class BottomKBuffer(nn.Module):
         keys = self.item_keys(x) if keys is None else keys
         self.offer(x, y, keys.tolist(), label, group)
 
+    def admits(self, keys: list[float], groups: list[int] | None = None) -> bool:
+        """Could any of these items (host keys; their groups under `balance="group"`) enter
+        now? False when every key is stored already or cannot beat its group's k-th key:
+        offering them would change nothing, so a caller may skip a whole run of offers."""
+        if not keys:
+            return False
+        h, q = self._index(), self.quota()
+        if self.balance != "group":
+            n, top = h.count.get(0, 0), h.top.get(0, -INF)
+            return not all(k in h.stored or (n == q and k >= top) for k in keys)
+        if groups is None or max(groups) + 1 > self.n_groups:
+            return True  # a new group changes the quotas
+        stored, count, top = h.stored, h.count, h.top
+        return not all(k in stored or (count.get(g, 0) == q and k >= top.get(g, -INF))
+                       for k, g in zip(keys, groups, strict=True))
+
     def offer(
         self, x: torch.Tensor, y: torch.Tensor, keys: list[float],
         label: int | torch.Tensor | list[int] = 0,
@@ -427,11 +443,8 @@ class BottomKBuffer(nn.Module):
         if grouped and max(groups) + 1 > self.n_groups:
             self.set_groups(max(groups) + 1)
         q = self.quota()
-        stored, count, top = h.stored, h.count, h.top
-        # The common case: every key is stored already or cannot beat its group's k-th key.
-        if all(k in stored or (count.get(g if grouped else 0, 0) == q
-                               and k >= top.get(g if grouped else 0, -INF))
-               for k, g in zip(keys, groups, strict=True)):
+        stored = h.stored
+        if not self.admits(keys, groups):  # the common case
             return
         first: dict[float, int] = {}
         for i, k in enumerate(keys):

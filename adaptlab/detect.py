@@ -356,11 +356,12 @@ class ShiftDetector(nn.Module):
         if self.test not in TWO_SAMPLE and self.chain != "all":
             return  # nothing to keep
         values = [f32(v) for v in self._host(loss)]
+        # in place: rebinding a Module attribute goes through nn.Module.__setattr__ (slow)
         if self.test in TWO_SAMPLE:
-            self._last = [r[1:] + [v] for r, v in zip(self._last, values, strict=True)]
+            self._last[:] = [r[1:] + [v] for r, v in zip(self._last, values, strict=True)]
         if self.chain == "all":
-            self._s_all = [v if s != s else self._ewma(v, s)
-                           for v, s in zip(values, self._s_all, strict=True)]
+            self._s_all[:] = [v if s != s else self._ewma(v, s)
+                              for v, s in zip(values, self._s_all, strict=True)]
 
     def update(self, loss: float | torch.Tensor, seed: float | None = None) -> bool:
         """Single-signal use (channel 0): refresh, decide, commit.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -94,6 +94,15 @@ def cubic_sparsity(t: int, final: float, steps: int) -> float:
 
 
 @torch.no_grad()
+def _with_grad(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """`fn(*args)` with autograd on; no context switch when it already is (a training step:
+    a few microseconds a batch)."""
+    if torch.is_grad_enabled():
+        return fn(*args)
+    with torch.enable_grad():
+        return fn(*args)
+
+
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Eval-mode accuracy of `model` on (x, y)."""
     was = model.training
@@ -816,21 +825,22 @@ class _Batch:
     def losses(self, only: int | None) -> torch.Tensor:
         ln, a = self.learner, self.active
         self.logits, self.grad = ln._logits(self.x, only, a)
-        alone = only is not None or ln.n_experts == 1
+        n = ln.n_experts
+        alone = only is not None or n == 1
         if not alone:
             return ln._losses(self.logits, self.y)
         if self.grad is not None:
-            with torch.enable_grad():
-                per = classification_loss(self.grad, self.y, ln.expert_output, "none")
-                self.train_loss = per.mean()
-            # the same numbers as `ln._losses(self.logits[a : a + 1], self.y)`
-            mine = ln.global_mean(per.detach().view(1, -1).mean(1), len(self.y))
+            per = _with_grad(classification_loss, self.grad, self.y, ln.expert_output, "none")
+            self.train_loss = per.mean()
+            # the same numbers as `ln._losses(self.logits[a : a + 1], self.y)` (a mean over
+            # B values, whether of [B] or of [1, B] along dim 1)
+            mine = ln.global_mean(self.train_loss.detach().view(1), len(self.y))
         else:
             mine = ln._losses(self.logits[a : a + 1], self.y)
-        if ln.n_experts == 1:
+        if n == 1:
             return mine
         # only the active expert: its loss alone, NaN for the others (not evaluated)
-        out = torch.full((ln.n_experts,), math.nan, device=self.logits.device)
+        out = torch.full((n,), math.nan, device=self.logits.device)
         out[a] = mine[0]
         return out
 
@@ -1272,8 +1282,7 @@ class TAME(StreamLearner):
                 return pool.logits_all(x), None
             one = pool.logits_one(only, x)
         else:
-            with torch.enable_grad():
-                grad = pool.experts[active](x)
+            grad = _with_grad(pool.experts[active], x)
             one = grad.detach()
             if only is None and len(pool) > 1:
                 with torch.no_grad():
@@ -1362,13 +1371,29 @@ class TAME(StreamLearner):
             host = keys.tolist()
         if self.selector_balance == "label":
             labels = (pending[0][1] if one else torch.cat([p[1] for p in pending])).tolist()
+        # Content keys: a buffer that admits none of the chunk's items as it stands now would
+        # store none of them offered in order either (nothing changes it), so its offers are
+        # skipped; random keys draw per offer and always offer.
+        offer_s, offer_r = True, {k for _, _, k in pending}
+        if content:
+            groups = labels if self.selector_balance == "label" else [
+                k for x, _, k in pending for _ in range(len(x))]
+            offer_s = buf.admits(host, groups)
+            if self.retrain_capacity > 0:
+                mine: dict[int, list[float]] = {}
+                start = 0
+                for x, _, k in pending:
+                    mine.setdefault(k, []).extend(1 - v for v in host[start : start + len(x)])
+                    start += len(x)
+                offer_r = {k for k, kr in mine.items() if self.retrain_buffers[k].admits(kr)}
         start = 0
         for x, y, k in pending:
             end = start + len(x)
             kx = host[start:end] if content else buf.item_keys(x).tolist()  # random: own draws
             group = labels[start:end] if self.selector_balance == "label" else k
-            buf.offer(x, y, kx, label=k, group=group)
-            if self.retrain_capacity > 0:
+            if offer_s:
+                buf.offer(x, y, kx, label=k, group=group)
+            if self.retrain_capacity > 0 and k in offer_r:
                 r = self.retrain_buffers[k]
                 r.offer(x, y, [1 - v for v in kx] if content else r.item_keys(x).tolist())
             start = end

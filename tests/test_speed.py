@@ -94,6 +94,7 @@ def test_bottom_k_host_decisions_match_the_tensor_algorithm(balance: str, grid) 
     new, ref = (cls(40, (3,), balance=balance, seed=1) for cls in (BottomKBuffer,
                                                                      ReferenceBottomK))
     pool = torch.rand(300, 3, generator=g)
+    verdicts = []
     for step in range(400):
         idx = torch.randint(0, 300, (int(torch.randint(1, 12, (1,), generator=g)),),
                             generator=g)
@@ -101,11 +102,18 @@ def test_bottom_k_host_decisions_match_the_tensor_algorithm(balance: str, grid) 
         keys = new.item_keys(x) if grid is None else (idx % grid).double() / grid
         label = int(step // 60)  # a new group every 60 offers: quotas shrink
         group = y if step % 3 == 0 else None
+        admits = new.admits(keys.tolist(), (y if group is not None else
+                                            torch.full_like(y, label)).tolist())
+        verdicts.append(admits)
+        before = _state(new)
         for buf in (new, ref):
             buf.add(x, y, label=label, group=group, keys=keys)
         for a, b in zip(_state(new), _state(ref), strict=True):
             assert torch.equal(a, b), step
         assert len(new) == len(ref)
+        if not admits:  # what `admits` refuses, an offer leaves unchanged
+            assert all(torch.equal(a, b) for a, b in zip(before, _state(new), strict=True))
+    assert any(verdicts) and not all(verdicts)
     for a, b in zip(new.items(), ref.items(), strict=True):
         assert torch.equal(a, b)
     assert len(new) == (new.quota() * new.n_groups if balance == "group" else new.capacity)
