@@ -166,7 +166,7 @@ def test_baselines_add_the_protocol_table_and_cost_rows(tmp_path: Path, capsys) 
     # a second training seed (its MT-LoRA data seed differs): sd over training seeds
     bench.main([*common, "--training-seed", "1", "--out", str(tmp_path / "b1")])
     text = bench.combine([str(tmp_path / "b.json"), str(tmp_path / "b1.json")], None)
-    assert "training seeds [0, 1] (each the mean over its evaluation seeds [7, 4321])" in text
+    assert "training seeds [0, 1] (each the mean over its evaluation seeds [4321, 7])" in text
 
 
 def test_a_method_given_other_episodes_is_an_error() -> None:

@@ -1090,12 +1090,13 @@ def combine(paths: Sequence[str], out: str | None) -> str:
             digests.setdefault(s, set()).update(d["digest"] for d in v.values())
     settings = next(iter(docs[0]["protocol"]["settings"].values()))
     tseeds = sorted({s for t in train for s in t if s is not None})
-    over = (f"training seeds {tseeds} (each the mean over its evaluation seeds "
-            f"{sorted(set(eval_seeds))})" if by_training else
+    uniq = list(dict.fromkeys(eval_seeds))
+    over = (f"training seeds {tseeds} (each the mean over its evaluation seeds {uniq})"
+            if by_training else
             f"{len(per_seed)} evaluation seeds {eval_seeds}")
     same = all(len(v) == 1 for v in digests.values())
     lines = [f"Protocol table over {over}: mean ± sd.", "",
-             protocol_caption(docs[0]["episodes"], sorted(set(eval_seeds)), settings,
+             protocol_caption(docs[0]["episodes"], uniq, settings,
                               None, tseeds, over=over)
              + " Episode digests per evaluation seed: "
              + "; ".join(f"{s}: {', '.join(sorted(v))}" for s, v in sorted(digests.items()))
