@@ -178,7 +178,8 @@ def fit_timed(st: Stream, learner: pl.LightningModule, device: str,
                          enable_checkpointing=False, enable_model_summary=False,
                          accelerator="gpu" if device == "cuda" else "cpu", devices=1,
                          callbacks=[timer, evaluator], num_sanity_val_steps=0,
-                         default_root_dir="/tmp/adaptlab_bench")
+                         default_root_dir=os.path.join(tempfile.gettempdir(),
+                                                       f"adaptlab_bench_{os.getpid()}"))
     # One evaluation point at the end: rows compare training work, not evaluation work.
     st = dataclasses.replace(st, eval_positions=(len(st),), row_segments=(st.row_segments[-1],),
                              first_rows=tuple(0 for _ in st.segments))
