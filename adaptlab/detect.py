@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections import deque
 from operator import mul
 from typing import Any
 
@@ -134,7 +135,7 @@ class ShiftDetector(nn.Module):
         self._win: list[array] = []
         self._sbar: list[float] = []
         self._s_all: list[float] = []
-        self._last: list[list[float]] = []
+        self._last: list[deque[float]] = []
         self._mu: list[float] = []
         self._tau: list[float] = []
         self._seed: list[float] = []
@@ -188,6 +189,9 @@ class ShiftDetector(nn.Module):
         return self._tau[k]
 
     # -- channels -----------------------------------------------------------------------------
+    def _no_losses(self) -> deque[float]:
+        return deque([math.nan] * self._n_last, maxlen=self._n_last)
+
     def _fresh_window(self, seed: float) -> array:
         w = array("f", [0.0]) * self.W
         w[0] = seed
@@ -201,7 +205,7 @@ class ShiftDetector(nn.Module):
         self.steps.append(0)
         self._sbar.append(math.nan)
         self._s_all.append(math.nan)
-        self._last.append([math.nan] * self._n_last)
+        self._last.append(self._no_losses())
         self._mu.append(0.0)
         self._tau.append(0.0)
         self._seed.append(f32(seed))
@@ -215,7 +219,7 @@ class ShiftDetector(nn.Module):
         self.count[k], self.head[k], self.steps[k] = 1, 1, 0
         self._sbar[k] = math.nan
         self._s_all[k] = math.nan
-        self._last[k] = [math.nan] * self._n_last
+        self._last[k] = self._no_losses()
         self.refresh_threshold(k)
 
     # -- the rule -----------------------------------------------------------------------------
@@ -303,7 +307,7 @@ class ShiftDetector(nn.Module):
             return [ck < t for ck, t in zip(self._host(c), self._tau, strict=True)]
         out = []
         for k, v in enumerate(self._host(loss)):
-            seen = [x for x in self._last[k][1:] + [f32(v)] if x == x]
+            seen = [x for x in [*self._last[k], f32(v)][1:] if x == x]
             n = max(len(seen), 1)
             mean = f32(f32(sum(seen)) / n)
             mu, tau = self._mu[k], self._tau[k]
@@ -356,9 +360,10 @@ class ShiftDetector(nn.Module):
         if self.test not in TWO_SAMPLE and self.chain != "all":
             return  # nothing to keep
         values = [f32(v) for v in self._host(loss)]
-        # in place: rebinding a Module attribute goes through nn.Module.__setattr__ (slow)
         if self.test in TWO_SAMPLE:
-            self._last[:] = [r[1:] + [v] for r, v in zip(self._last, values, strict=True)]
+            for r, v in zip(self._last, values, strict=True):
+                r.append(v)  # the oldest leaves (maxlen)
+        # in place: rebinding a Module attribute goes through nn.Module.__setattr__ (slow)
         if self.chain == "all":
             self._s_all[:] = [v if s != s else self._ewma(v, s)
                               for v, s in zip(values, self._s_all, strict=True)]
@@ -416,7 +421,7 @@ class ShiftDetector(nn.Module):
             if name == "window":
                 self._win = [array("f", r) for r in rows]
             elif name == "last":
-                self._last = [[float(v) for v in r] for r in rows]
+                self._last = [deque(map(float, r), maxlen=self._n_last) for r in rows]
             elif name in self.COUNTERS:
                 setattr(self, name, [int(v) for v in rows])
             else:
