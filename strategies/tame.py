@@ -421,8 +421,8 @@ class ExpertPool(nn.Module):
     def losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean loss per expert from [K, B, C] logits, float32."""
         k, b, c = logits.shape
-        per = classification_loss(logits.reshape(k * b, c), y if k == 1 else y.repeat(k),
-                                  self.output, "none")
+        yk = y if k == 1 else y.expand(k, -1).reshape(-1)  # a view, not K copies
+        per = classification_loss(logits.reshape(k * b, c), yk, self.output, "none")
         return per.view(k, b).mean(1)
 
     def sync_cache(self, k: int) -> None:
