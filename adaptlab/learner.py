@@ -130,8 +130,8 @@ class StreamLearner(pl.LightningModule):
         if self.nonfinite == "skip" and not bool(torch.isfinite(loss)):
             self.skipped_updates += 1
             return
-        optimizer.zero_grad(set_to_none=True)
         if self._fast_update:
+            _grads_to_none(optimizer)
             loss.backward()
             if clip is not None:
                 _clip(optimizer, clip)
@@ -146,6 +146,7 @@ class StreamLearner(pl.LightningModule):
                 optimizer.step()
                 self._count_step()
         else:
+            optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             trainer = self.host_trainer
             sync = getattr(trainer.strategy, "sync_grads", None) if trainer else None
@@ -440,6 +441,19 @@ class StreamLearner(pl.LightningModule):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what `extra_state` saved."""
+
+
+def _grads_to_none(optimizer: Any) -> None:
+    """`optimizer.zero_grad(set_to_none=True)`: for a torch optimizer that keeps the base
+    `zero_grad`, the same loop without its profiler record and dynamo guard (~8 µs a call, a
+    visible share of an online step on a tiny model)."""
+    opt = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+    if type(opt).zero_grad is not torch.optim.Optimizer.zero_grad:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def _clip(optimizer: Any, max_norm: float) -> None:

@@ -93,7 +93,6 @@ def cubic_sparsity(t: int, final: float, steps: int) -> float:
     return final * (1.0 - (1.0 - max(t, 0) / steps) ** 3)
 
 
-@torch.no_grad()
 def _with_grad(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """`fn(*args)` with autograd on; no context switch when it already is (a training step:
     a few microseconds a batch)."""
@@ -103,6 +102,7 @@ def _with_grad(fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         return fn(*args)
 
 
+@torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Eval-mode accuracy of `model` on (x, y)."""
     was = model.training
@@ -1380,11 +1380,13 @@ class TAME(StreamLearner):
                 k for x, _, k in pending for _ in range(len(x))]
             offer_s = buf.admits(host, groups)
             if self.retrain_capacity > 0:
+                inv = [1 - v for v in host]  # R_k's keys
                 mine: dict[int, list[float]] = {}
                 start = 0
                 for x, _, k in pending:
-                    mine.setdefault(k, []).extend(1 - v for v in host[start : start + len(x)])
-                    start += len(x)
+                    end = start + len(x)
+                    mine.setdefault(k, []).extend(inv[start:end])
+                    start = end
                 offer_r = {k for k, kr in mine.items() if self.retrain_buffers[k].admits(kr)}
         start = 0
         for x, y, k in pending:
@@ -1395,7 +1397,7 @@ class TAME(StreamLearner):
                 buf.offer(x, y, kx, label=k, group=group)
             if self.retrain_capacity > 0 and k in offer_r:
                 r = self.retrain_buffers[k]
-                r.offer(x, y, [1 - v for v in kx] if content else r.item_keys(x).tolist())
+                r.offer(x, y, inv[start:end] if content else r.item_keys(x).tolist())
             start = end
         if self.stream_moments:  # one merge per run of batches of one expert, not per batch
             run = [pending[0]]

@@ -1,7 +1,8 @@
 """Speed work (issue 19) that must not change results: the bottom-k buffer's host-side
 decisions against the tensor algorithm they replaced, the detector's Python counters through
 a checkpoint, TAME's chunk-batched memory offers against per-batch offers, and Replay's
-preallocated replay batch against the plain draw."""
+preallocated replay batch against the plain draw; the direct gradient reset and the graph
+modes of TAME's helpers."""
 
 from __future__ import annotations
 
@@ -301,3 +302,41 @@ def test_fit_patience_bounds_the_epochs(patience) -> None:
         assert epochs == 200
     else:
         assert 3 * patience <= epochs < 100  # three plateaus: two milestones, then the stop
+
+
+def test_grads_to_none_clears_grads_and_keeps_an_overridden_zero_grad() -> None:
+    """The direct gradient reset of `StreamLearner.update` leaves what `zero_grad` leaves,
+    and an optimizer with its own `zero_grad` still gets it called."""
+    from adaptlab.learner import _grads_to_none
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _grads_to_none(opt)
+    assert all(p.grad is None for p in model.parameters())
+
+    class Custom(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            Custom.calls += 1
+            super().zero_grad(set_to_none)
+
+    model(torch.ones(1, 3)).sum().backward()
+    _grads_to_none(Custom(model.parameters(), lr=0.1))
+    assert Custom.calls == 1 and all(p.grad is None for p in model.parameters())
+
+
+def test_with_grad_builds_a_graph_under_no_grad_and_accuracy_builds_none() -> None:
+    """`_with_grad` keeps a graph whatever the caller's mode; `_accuracy` runs without one."""
+    from adaptlab.strategies.tame import _accuracy, _with_grad
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.ones(4, 3)
+    with torch.no_grad():
+        assert _with_grad(model, x).requires_grad
+    assert _with_grad(model, x).requires_grad
+    outs = []
+    model.register_forward_hook(lambda _m, _i, out: outs.append(out))
+    _accuracy(model, x, torch.zeros(4, dtype=torch.long))
+    assert not outs[0].requires_grad
