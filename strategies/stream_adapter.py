@@ -57,6 +57,7 @@ from .stream_adapter_nn import (  # noqa: F401 - re-exported: the old import pat
     ContextMapper,
     WeightAbsorption,
     _resolve_targets,
+    load_adapter_weights,
     read_state,
 )
 
@@ -79,11 +80,7 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
             "the adapter was trained on"
         )
     core = AdaptedGPT(base, **rec["adapter_args"])
-    missing, unexpected = core.load_state_dict(rec["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith("base.")]
-    if missing or unexpected:
-        raise ValueError(f"adapter: {path!r} does not fit its settings (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    load_adapter_weights(core, rec, path)
     return core, rec
 
 

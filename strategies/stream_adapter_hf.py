@@ -52,7 +52,7 @@ from adaptlab.seeding import seeded
 
 from .icl_families import read_export, save_atomic
 from .stream_adapter import AdaptedCoreLearner, TestThenAbsorb
-from .stream_adapter_nn import AdaptedLM, last_layers, linear_dims
+from .stream_adapter_nn import AdaptedLM, last_layers, linear_dims, load_adapter_weights
 
 DEFAULT_HF_TARGETS = ("v_proj", "o_proj", "up_proj", "down_proj",
                       "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -248,11 +248,7 @@ def load_hf_adapter(path: str, model_path: str | None = None, dtype: str | None 
                          "trained on")
     core = build_adapted_hf(load_causal_lm(folder, dtype or rec.get("dtype", "float32")),
                             rec["adapter_args"], int(rec.get("seed", 0)))
-    missing, unexpected = core.load_state_dict(rec["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith("base.")]
-    if missing or unexpected:
-        raise ValueError(f"adapter: {path!r} does not fit its settings (missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+    load_adapter_weights(core, rec, path)
     return core, rec
 
 

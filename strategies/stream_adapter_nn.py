@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -305,6 +306,16 @@ def last_layers(layers: str | int, n_layer: int) -> tuple[int, ...]:
     if isinstance(layers, int) and not isinstance(layers, bool) and 1 <= layers <= n_layer:
         return tuple(range(n_layer - layers, n_layer))
     raise ValueError(f"layers: 'all' or an int in 1..{n_layer} (last n), got {layers!r}")
+
+
+def load_adapter_weights(core: nn.Module, rec: dict[str, Any], path: str) -> None:
+    """Load a Stage B export's adapter weights into `core` (its frozen base is not in the
+    export: only the adapter's keys must match), or fail in one line naming the export."""
+    missing, unexpected = core.load_state_dict(rec["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("base.")]
+    if missing or unexpected:
+        raise ValueError(f"adapter: {path!r} does not fit its settings (missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]})")
 
 
 class AdaptedLM(nn.Module):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from adaptlab.data import StreamDataModule
@@ -76,3 +79,22 @@ class DumpDecisions(pl.Callback):
         path = os.path.join(self.folder, f"decisions_rank{trainer.global_rank}.json")
         with open(path, "w") as fh:
             json.dump(doc, fh)
+
+
+def fit_resumable(learner: pl.LightningModule, stream: Stream, log_dir: str,
+                  crash_at: int | None = None, ckpt_path: str | None = None,
+                  callbacks_extra: list | None = None) -> dict:
+    """One pass with a checkpoint every 5 steps (in `log_dir/ckpt`), optionally crashing at
+    `crash_at` or resuming from `ckpt_path`; returns the run's metrics.json."""
+    ckpt = ModelCheckpoint(dirpath=os.path.join(log_dir, "ckpt"), every_n_train_steps=5,
+                           save_last=True, save_top_k=-1)
+    callbacks = [StreamEvaluator(print_table=False, figures=False), ckpt,
+                 *(callbacks_extra or [])]
+    if crash_at:
+        callbacks.append(Crash(crash_at))
+    tr = pl.Trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
+                    num_sanity_val_steps=0, enable_model_summary=False,
+                    logger=TensorBoardLogger(log_dir, name="run", version=0))
+    tr.fit(learner, datamodule=StreamDataModule(stream, batches_per_step=1), ckpt_path=ckpt_path)
+    with open(os.path.join(tr.log_dir, "metrics.json")) as f:
+        return json.load(f)

@@ -8,20 +8,14 @@ absorb, resume from a checkpoint, the CLI run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
 
 pytest.importorskip("transformers")
 
-from adaptlab.data import StreamDataModule  # noqa: E402
-from adaptlab.evaluation import StreamEvaluator  # noqa: E402
 from adaptlab.hf_text import (  # noqa: E402
     PAD,
     PromptFormat,
@@ -46,7 +40,7 @@ from adaptlab.strategies.stream_adapter_hf import (  # noqa: E402
     load_hf_adapter,
     model_sha256,
 )
-from tests.helpers import Crash  # noqa: E402
+from tests.helpers import fit_resumable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("llama", "gpt2")
@@ -334,18 +328,8 @@ def run_text_stream(tiny, export, log_dir, crash_at=None, ckpt_path=None,
         adapter=export, input_shape=st.input_shape, n_classes=st.n_classes,
         batch_size=st.batch_size, log_norms_every=0, reset_on=reset_on,
         detector={"window": 3, "grace": 1, "sigma_floor": 0.01, "n_sigma": 0.5})
-    ckpt = ModelCheckpoint(dirpath=os.path.join(log_dir, "ckpt"), every_n_train_steps=5,
-                           save_last=True, save_top_k=-1)
-    callbacks = [StreamEvaluator(print_table=False, figures=False), ckpt]
-    if reset_on == "segment":
-        callbacks.append(SegmentReset())
-    if crash_at:
-        callbacks.append(Crash(crash_at))
-    tr = pl.Trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
-                    num_sanity_val_steps=0, enable_model_summary=False,
-                    logger=TensorBoardLogger(log_dir, name="run", version=0))
-    tr.fit(sa, datamodule=StreamDataModule(st, batches_per_step=1), ckpt_path=ckpt_path)
-    return json.load(open(os.path.join(tr.log_dir, "metrics.json"))), sa
+    extra = [SegmentReset()] if reset_on == "segment" else []
+    return fit_resumable(sa, st, log_dir, crash_at, ckpt_path, extra), sa
 
 
 @pytest.mark.parametrize("reset_on", ["detected", "segment"])

@@ -16,12 +16,10 @@ import sys
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from adaptlab.data import StreamDataModule
 from adaptlab.episodes import EpisodeDataModule, draw_k
-from adaptlab.evaluation import StreamEvaluator
 from adaptlab.strategies.icl_families import (
     FamilyInContextLearner,
     distill_loss,
@@ -39,7 +37,7 @@ from adaptlab.strategies.stream_adapter import (
     load_adapter,
 )
 from adaptlab.streams.icl import ContextStream, FamilyVocab
-from tests.helpers import Crash
+from tests.helpers import fit_resumable
 
 torch.set_num_threads(1)
 TINY = {"n_layer": 2, "d_model": 16, "n_head": 2, "d_mlp": 32}
@@ -305,18 +303,8 @@ def run_stream(base_path, adapter_path, log_dir, crash_at=None, ckpt_path=None,
                        input_shape=st.input_shape, n_classes=st.n_classes,
                        batch_size=st.batch_size, log_norms_every=0, reset_on=reset_on,
                        detector={"window": 4, "grace": 2, "sigma_floor": 0.01, "n_sigma": 1.0})
-    ckpt = ModelCheckpoint(dirpath=os.path.join(log_dir, "ckpt"), every_n_train_steps=5,
-                           save_last=True, save_top_k=-1)
-    callbacks = [StreamEvaluator(print_table=False, figures=False), ckpt]
-    if reset_on == "segment":
-        callbacks.append(SegmentReset())
-    if crash_at:
-        callbacks.append(Crash(crash_at))
-    tr = pl.Trainer(max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
-                    num_sanity_val_steps=0, enable_model_summary=False,
-                    logger=TensorBoardLogger(log_dir, name="run", version=0))
-    tr.fit(sa, datamodule=StreamDataModule(st, batches_per_step=1), ckpt_path=ckpt_path)
-    return json.load(open(os.path.join(tr.log_dir, "metrics.json"))), sa
+    extra = [SegmentReset()] if reset_on == "segment" else []
+    return fit_resumable(sa, st, log_dir, crash_at, ckpt_path, extra), sa
 
 
 @pytest.mark.parametrize("reset_on", ["detected", "segment"])
