@@ -359,10 +359,11 @@ class ShiftDetector(nn.Module):
         advances `s_all`; the two-sample tests keep the last few for recognition."""
         if self.test not in TWO_SAMPLE and self.chain != "all":
             return  # nothing to keep
-        values = [f32(v) for v in self._host(loss)]
-        if self.test in TWO_SAMPLE:
-            for r, v in zip(self._last, values, strict=True):
-                r.append(v)  # the oldest leaves (maxlen)
+        values = array("f", self._host(loss)).tolist()  # each rounded as `f32` rounds it
+        if len(values) != self.n_channels:
+            raise ValueError(f"advance_all: {len(values)} losses for {self.n_channels} channels")
+        if self.test in TWO_SAMPLE:  # the oldest leaves (maxlen); the loop runs in C
+            deque(map(deque.append, self._last, values), maxlen=0)
         # in place: rebinding a Module attribute goes through nn.Module.__setattr__ (slow)
         if self.chain == "all":
             self._s_all[:] = [v if s != s else self._ewma(v, s)

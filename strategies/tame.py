@@ -237,6 +237,7 @@ class ExpertPool(nn.Module):
         self.register_buffer("pruned", torch.zeros(0, dtype=torch.bool))
         self._pruned: list[bool] = []  # `pruned` on the host: read after every step
         self._pairs: dict[int, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+        self._stale: set[int] = set()  # experts whose cache slices lag their weights
         self._stack: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
         self._base: nn.Module | None = None
         self._mode_sensitive = False
@@ -294,6 +295,7 @@ class ExpertPool(nn.Module):
         self._stack = None
         self._plan = None
         self._plan_views = {}
+        self._stale = set()
 
     @staticmethod
     def _leaves(expert: nn.Module) -> list[nn.Module]:
@@ -356,11 +358,15 @@ class ExpertPool(nn.Module):
             self._plan = plan
         return self._plan
 
-    def _stacked_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[K, B, C] logits of all experts at once (see the class docstring)."""
+    def _stacked_logits(self, x: torch.Tensor, skip: int | None = None) -> torch.Tensor:
+        """[K, B, C] logits of all experts at once (see the class docstring). Row `skip` may
+        come from stale weights: for a caller that replaces it."""
         h, k = x, len(self.experts)
         shared, rows = True, False  # every expert's input is h / h is [K, B, F]
-        for kind, m, w, b, groups in self._stack_plan():
+        plan = self._stack_plan()
+        if self._stale:
+            self._refresh(skip)
+        for kind, m, w, b, groups in plan:
             if kind == "conv":  # [B, K * C, ...]: expert k's channels are block k
                 h = STACK_CONVS[type(m)](h, w, b, m.stride, m.padding, m.dilation, groups)
                 if h.dim() == 4:
@@ -374,8 +380,8 @@ class ExpertPool(nn.Module):
             elif isinstance(m, nn.Flatten) and not shared:
                 h = h.reshape(len(x), k, -1).transpose(0, 1)
                 rows = True
-            else:
-                h = m(h)
+            else:  # its own forward: hooks skipped, as the stacked layers skip their modules'
+                h = m.forward(h)  # (a module call's dispatch costs as much as a ReLU here)
         return h
 
     # -- forward ------------------------------------------------------------------------------
@@ -399,6 +405,8 @@ class ExpertPool(nn.Module):
             def one(p: dict, b: dict, xx: torch.Tensor) -> torch.Tensor:
                 return functional_call(base, (p, b), (xx,))
 
+            if self._stale:
+                self._refresh()
             return torch.vmap(one, in_dims=(0, 0, None))(*self._stack, x)
         if self.stack and len(self.experts) > 1:
             return self._stacked_logits(x)
@@ -426,38 +434,52 @@ class ExpertPool(nn.Module):
         return per.view(k, b).mean(1)
 
     def sync_cache(self, k: int) -> None:
-        """Copy expert k's parameters and buffers into its slice of the stacked cache."""
+        """Expert k's parameters or buffers changed: its slice of the stacked caches is copied
+        before the next forward that reads it. TAME trains the active expert on every batch
+        and replaces its row of the stacked forward by the expert's own forward
+        (`TAME._logits`), so while an expert stays active its slice is not copied at all (a
+        transposed copy of its weights per batch before)."""
         if self._plan is not None or self._stack is not None:  # else nothing to follow
-            self._sync_cache(k)
+            self._stale.add(k)
+
+    def _refresh(self, skip: int | None = None) -> None:
+        """Copy the stale slices into the caches, all but `skip`'s."""
+        for k in [k for k in self._stale if k != skip]:
+            if self._plan is not None:
+                self._sync_plan(k)
+            if self._stack is not None:
+                self._sync_stack(k)
+            self._stale.discard(k)
+
+    def _sync_plan(self, k: int) -> None:
+        """Detached views on both sides, so no autograd context is needed (a training step
+        runs with grad on)."""
+        pairs = self._plan_views.get(k)
+        if pairs is None:  # (cache slices, expert k's tensors): views, kept until rebuilt
+            layers = self._leaves(self.experts[k])
+            pairs = ([], [])
+            for i, (kind, _m, w, b, _g) in enumerate(self._plan):
+                if kind == "mod":
+                    continue
+                mine = layers[i]
+                if kind == "conv":  # expert k's block of output channels
+                    n = mine.out_channels
+                    pairs[0].append(w[k * n : (k + 1) * n])
+                    pairs[1].append(mine.weight.detach())
+                    if b is not None:
+                        pairs[0].append(b[k * n : (k + 1) * n])
+                        pairs[1].append(mine.bias.detach())
+                else:
+                    pairs[0].append(w[k])
+                    pairs[1].append(mine.weight.detach().T)
+                    if b is not None:
+                        pairs[0].append(b[k, 0])
+                        pairs[1].append(mine.bias.detach())
+            self._plan_views[k] = pairs
+        torch._foreach_copy_(*pairs)
 
     @torch.no_grad()
-    def _sync_cache(self, k: int) -> None:
-        if self._plan is not None:
-            pairs = self._plan_views.get(k)
-            if pairs is None:  # (cache slices, expert k's tensors): views, kept until rebuilt
-                layers = self._leaves(self.experts[k])
-                pairs = ([], [])
-                for i, (kind, _m, w, b, _g) in enumerate(self._plan):
-                    if kind == "mod":
-                        continue
-                    mine = layers[i]
-                    if kind == "conv":  # expert k's block of output channels
-                        n = mine.out_channels
-                        pairs[0].append(w[k * n : (k + 1) * n])
-                        pairs[1].append(mine.weight.detach())
-                        if b is not None:
-                            pairs[0].append(b[k * n : (k + 1) * n])
-                            pairs[1].append(mine.bias.detach())
-                    else:
-                        pairs[0].append(w[k])
-                        pairs[1].append(mine.weight.detach().T)
-                        if b is not None:
-                            pairs[0].append(b[k, 0])
-                            pairs[1].append(mine.bias.detach())
-                self._plan_views[k] = pairs
-            torch._foreach_copy_(*pairs)
-        if self._stack is None:
-            return
+    def _sync_stack(self, k: int) -> None:
         params, buffers = self._stack
         e = self.experts[k]
         for name, p in e.named_parameters():
@@ -1287,7 +1309,8 @@ class TAME(StreamLearner):
             if only is None and len(pool) > 1:
                 with torch.no_grad():
                     if pool.stack:  # all at once; the active row from its own forward
-                        out = pool.logits_all(x)
+                        # (`logits_all`, undecorated; the active row may be stale)
+                        out = pool._stacked_logits(x, skip=active)
                         out[active] = one
                         return out, grad
                     rows = [one if k == active else e(x) for k, e in enumerate(pool.experts)]

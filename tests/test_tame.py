@@ -252,6 +252,31 @@ def test_batched_and_looped_losses_agree(kind: str) -> None:
     assert not torch.allclose(loop, loop2)
 
 
+def test_stacked_cache_copies_a_trained_slice_only_when_read() -> None:
+    """`sync_cache` defers the copy: a forward that replaces the trained expert's row (`skip`,
+    TAME's active expert) leaves its slice stale and every other row current; `logits_all`
+    then copies it and agrees bit for bit with a cache built from the new weights."""
+    pool = ExpertPool(stack=True)
+    for seed in range(3):
+        pool.add(_mlp(seed))
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    before = pool.logits_all(x)
+    e = pool.experts[1]
+    opt = torch.optim.SGD(e.parameters(), lr=0.5)
+    nn.functional.cross_entropy(e(x), y).backward()
+    opt.step()
+    pool.sync_cache(1)
+    fresh = ExpertPool(stack=True)
+    for expert in pool.experts:
+        fresh.add(copy.deepcopy(expert))
+    want = fresh.logits_all(x)
+    skipped = pool._stacked_logits(x, skip=1)
+    assert torch.equal(skipped[1], before[1])  # stale: not copied yet
+    assert torch.equal(skipped[[0, 2]], want[[0, 2]])
+    assert not torch.equal(want[1], before[1])
+    assert torch.equal(pool.logits_all(x), want)
+
+
 # --------------------------------------------------------------------------- gradual pruning
 
 def _merged(*parts: dict) -> dict:
