@@ -279,7 +279,9 @@ TTA_REFERENCES = {
 
 
 def _tta_tools():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:  # called once per row: put tools/ on the path once
+        sys.path.insert(0, here)
     import tta_report
 
     return tta_report
