@@ -102,11 +102,15 @@ class ReservoirBuffer(nn.Module):
             self.x[n : n + fill] = x[:fill]
             self.y[n : n + fill] = y[:fill]
         if winner:
-            mx, my = self.x, self.y
-            dst = torch.tensor(list(winner), device=mx.device)
-            src = torch.tensor(list(winner.values()), device=x.device)
-            mx.index_copy_(0, dst, x.index_select(0, src).to(mx.device, mx.dtype))
-            my.index_copy_(0, dst, y.index_select(0, src).to(my.device, my.dtype))
+            self._store(winner, x, y)
+
+    def _store(self, rows: dict[int, int], x: torch.Tensor, y: torch.Tensor) -> None:
+        """Memory slot <- row of (x, y) for each entry of `rows`: one indexed copy each."""
+        mx, my = self.x, self.y
+        dst = torch.tensor(list(rows), device=mx.device)
+        src = torch.tensor(list(rows.values()), device=x.device)
+        mx.index_copy_(0, dst, x.index_select(0, src).to(mx.device, mx.dtype))
+        my.index_copy_(0, dst, y.index_select(0, src).to(my.device, my.dtype))
 
     def sample(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k items drawn uniformly with replacement from what is stored."""
@@ -222,11 +226,7 @@ class ReservoirBuffer(nn.Module):
         blk = self._block
         if blk is None or not blk.pending:
             return
-        mx, my = self.x, self.y
-        dst = torch.tensor(list(blk.pending), device=mx.device)
-        src = torch.tensor(list(blk.pending.values()), device=blk.x.device)
-        mx.index_copy_(0, dst, blk.flat_x.index_select(0, src).to(mx.device, mx.dtype))
-        my.index_copy_(0, dst, blk.flat_y.index_select(0, src).to(my.device, my.dtype))
+        self._store(blk.pending, blk.flat_x, blk.flat_y)
         blk.pending = {}
 
     # -- state ---------------------------------------------------------------------------------
