@@ -119,9 +119,12 @@ def draw_episode(examples: Sequence[TextExample], fmt: PromptFormat, task: str, 
     return TextEpisode(task, context, list(prompts), list(options), [q.answer for q in queries])
 
 
-def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (N, T) and the mask of real positions."""
-    width = max(1, max((len(r) for r in rows), default=1))
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, width: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, T) and the mask of real positions; T is `width` (default the
+    longest row's length)."""
+    if width is None:
+        width = max(1, max((len(r) for r in rows), default=1))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -308,13 +311,6 @@ def unpack_rows(x: torch.Tensor) -> list[PackedExample]:
     return out
 
 
-def _pad_stack(rows: Sequence[list[int]], width: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), PAD, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 class TextStream(StreamBuilder):
     """A test-time stream of local JSONL text tasks (StreamAdapter §6 on a causal LM): each
     segment is one task, its labelled examples arrive in mini-batches, nobody says when the
@@ -395,8 +391,8 @@ class TextStream(StreamBuilder):
             seen[t] = j + 1
             xs += train[t][j * self.per:(j + 1) * self.per]
             ys += labels[t][j * self.per:(j + 1) * self.per]
-        x = _pad_stack(xs, width)
-        test_sets = {t: (_pad_stack(tests[t][0], width), torch.tensor(tests[t][1]))
+        x = pad_rows(xs, PAD, width)[0]
+        test_sets = {t: (pad_rows(tests[t][0], PAD, width)[0], torch.tensor(tests[t][1]))
                      for t in used}
         n_occ = len(self.order)
         segments = tuple(Segment(t, self.tasks[t], "text", {"task": self.tasks[t]},

@@ -57,6 +57,7 @@ from .stream_adapter_nn import (  # noqa: F401 - re-exported: the old import pat
     ContextMapper,
     WeightAbsorption,
     _resolve_targets,
+    check_base_hash,
     load_adapter_weights,
     read_state,
 )
@@ -73,12 +74,7 @@ def load_adapter(path: str, base_path: str | None = None) -> tuple[AdaptedGPT, d
     """
     rec = read_export(path, "adapter", ADAPTER_FORMAT, "no Stage B export")
     base, base_rec = load_base(base_path or rec["base_path"])
-    if base_rec["sha256"] != rec["base_sha256"]:
-        raise ValueError(
-            f"adapter: trained on base {rec['base_sha256'][:12]}…, but "
-            f"{base_path or rec['base_path']!r} is {base_rec['sha256'][:12]}…; use the base "
-            "the adapter was trained on"
-        )
+    check_base_hash(rec["base_sha256"], base_rec["sha256"], base_path or rec["base_path"])
     core = AdaptedGPT(base, **rec["adapter_args"])
     load_adapter_weights(core, rec, path)
     return core, rec

@@ -239,6 +239,14 @@ def attention_received(base: TinyGPT, tokens: torch.Tensor, *,
     return score
 
 
+def _kept_context(batch: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The context demos at `idx` (B, m): `ctx_token`, `ctx_label`, `ctx_value`."""
+    cv = batch["ctx_value"]
+    return {"ctx_token": batch["ctx_token"].gather(1, idx),
+            "ctx_label": batch["ctx_label"].gather(1, idx),
+            "ctx_value": cv.gather(1, idx[..., None].expand(-1, -1, cv.shape[-1]))}
+
+
 @torch.no_grad()
 def most_attended(base: TinyGPT, batch: dict[str, torch.Tensor], m: int, window: int
                   ) -> torch.Tensor:
@@ -246,9 +254,8 @@ def most_attended(base: TinyGPT, batch: dict[str, torch.Tensor], m: int, window:
     streams through the base in passes of at most `window` positions (the kept demos, then
     the next new ones); each pass adds the attention every demo receives to its running
     score, and the `m` best-scored demos are kept. At k ≤ m all demos are kept."""
-    ct, cl, cv = batch["ctx_token"], batch["ctx_label"], batch["ctx_value"]
-    n, k = ct.shape
-    dev = ct.device
+    n, k = batch["ctx_token"].shape
+    dev = batch["ctx_token"].device
     if k <= m:
         return torch.arange(k, device=dev).expand(n, k)
     if window <= m:
@@ -259,9 +266,9 @@ def most_attended(base: TinyGPT, batch: dict[str, torch.Tensor], m: int, window:
     while pos < k:
         new = torch.arange(pos, min(k, pos + window - kept.shape[1]), device=dev)
         idx = torch.cat([kept, new.expand(n, len(new))], 1)
-        att = attention_received(base, ct.gather(1, idx), label_tokens=cl.gather(1, idx),
-                                 values=cv.gather(1, idx[..., None].expand(-1, -1,
-                                                                           cv.shape[-1])))
+        ctx = _kept_context(batch, idx)
+        att = attention_received(base, ctx["ctx_token"], label_tokens=ctx["ctx_label"],
+                                 values=ctx["ctx_value"])
         score.scatter_add_(1, idx, att)
         top = score.gather(1, idx).topk(min(m, idx.shape[1]), dim=1).indices
         kept = idx.gather(1, top).sort(1).values
@@ -282,11 +289,7 @@ def evicted_outputs(base: TinyGPT, batch: dict[str, torch.Tensor], vocab: Family
     if policy != "attended":
         raise ValueError(f"policy: 'last' or 'attended', got {policy!r}")
     win = window or base.n_positions - batch["q_token"].shape[1]
-    idx = most_attended(base, batch, m, win)
-    cv = batch["ctx_value"]
-    kept = {"ctx_token": batch["ctx_token"].gather(1, idx),
-            "ctx_label": batch["ctx_label"].gather(1, idx),
-            "ctx_value": cv.gather(1, idx[..., None].expand(-1, -1, cv.shape[-1]))}
+    kept = _kept_context(batch, most_attended(base, batch, m, win))
     return icl_outputs(base, {**batch, **kept}, vocab)
 
 

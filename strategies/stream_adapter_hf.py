@@ -52,7 +52,13 @@ from adaptlab.seeding import seeded
 
 from .icl_families import read_export, save_atomic
 from .stream_adapter import AdaptedCoreLearner, TestThenAbsorb
-from .stream_adapter_nn import AdaptedLM, last_layers, linear_dims, load_adapter_weights
+from .stream_adapter_nn import (
+    AdaptedLM,
+    check_base_hash,
+    last_layers,
+    linear_dims,
+    load_adapter_weights,
+)
 
 DEFAULT_HF_TARGETS = ("v_proj", "o_proj", "up_proj", "down_proj",
                       "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -241,11 +247,7 @@ def load_hf_adapter(path: str, model_path: str | None = None, dtype: str | None 
                          "were kept); re-run Stage B")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model_path: no folder {folder!r} (the adapter's base)")
-    found = model_sha256(folder)
-    if found != rec["base_sha256"]:
-        raise ValueError(f"adapter: trained on base {rec['base_sha256'][:12]}…, but "
-                         f"{folder!r} is {found[:12]}…; use the model the adapter was "
-                         "trained on")
+    check_base_hash(rec["base_sha256"], model_sha256(folder), folder)
     core = build_adapted_hf(load_causal_lm(folder, dtype or rec.get("dtype", "float32")),
                             rec["adapter_args"], int(rec.get("seed", 0)))
     load_adapter_weights(core, rec, path)

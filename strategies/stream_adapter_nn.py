@@ -318,6 +318,14 @@ def load_adapter_weights(core: nn.Module, rec: dict[str, Any], path: str) -> Non
                          f"{missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def check_base_hash(recorded: str, found: str, where: str) -> None:
+    """Refuse a base whose content hash is not the one an adapter export recorded, in one
+    line naming the base (`where`)."""
+    if found != recorded:
+        raise ValueError(f"adapter: trained on base {recorded[:12]}…, but {where!r} is "
+                         f"{found[:12]}…; use the base the adapter was trained on")
+
+
 class AdaptedLM(nn.Module):
     """A frozen causal LM whose target linears absorb a streamed context (spec §6).
 

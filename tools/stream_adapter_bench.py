@@ -405,6 +405,12 @@ class Baselines:
     mt_lora_info: dict[str, Any]
     constant: dict[int, tuple[int, float]]
 
+    def settings(self) -> dict[str, Any]:
+        """What the protocol caption and the JSON record of these baselines."""
+        return {"evict_m": self.evict_m, "rank": self.rank,
+                "templora_steps": self.templora_steps, "templora_lr": self.templora_lr,
+                "mt_lora": self.mt_lora_info, "mt_lora_s": self.mt_lora_s}
+
     def runs(self, exp: Export, ks: Sequence[int]) -> dict[str, tuple[Callable, list[int]]]:
         vocab, m = exp.vocab, self.evict_m
         return {
@@ -1018,9 +1024,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     bl_cost: list[dict[str, Any]] = []
     if args.baselines:
         e0w = windows[0]
-        b0 = next(iter(bls.values()))
-        bl0 = {"evict_m": b0.evict_m, "rank": b0.rank, "templora_steps": b0.templora_steps,
-               "templora_lr": b0.templora_lr, "mt_lora": b0.mt_lora_info}
+        bl0 = next(iter(bls.values())).settings()
         lines += ["", "## The paper's protocol: SA vs ICL vs TempLoRA vs MT-LoRA vs evicting KV",
                   "", protocol_caption(args.episodes, args.seeds or [args.seed], bl0,
                                        episodes, [training_seed(e, args) for e in exports]),
@@ -1056,12 +1060,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                               "cost": bl_cost, "episodes": {str(k): v for k, v in
                                                             episodes.items()},
                               "training_seeds": [training_seed(e, args) for e in exports],
-                              "settings": {e.path: {
-                                  "evict_m": bls[e.path].evict_m, "rank": bls[e.path].rank,
-                                  "templora_steps": bls[e.path].templora_steps,
-                                  "templora_lr": bls[e.path].templora_lr,
-                                  "mt_lora": bls[e.path].mt_lora_info,
-                                  "mt_lora_s": bls[e.path].mt_lora_s} for e in exports}}
+                              "settings": {e.path: bls[e.path].settings()
+                                           for e in exports}}
     write_json_atomic(out + ".json", result)
     return result
 
