@@ -141,12 +141,12 @@ def icl_check(
 
 
 def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (names, shapes, dtypes and bytes)."""
+    """A content hash of a state dict (names, shapes, dtypes and bytes; 0-d tensors included)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -27,7 +27,6 @@ The detector's firings are the learner's `shift_events()`, scored by the evaluat
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 import warnings
@@ -42,7 +41,7 @@ from adaptlab.learner import StreamLearner, make_optimizer
 from adaptlab.models import build_model, norm_layers
 from adaptlab.seeding import seeded
 
-from .icl_families import save_atomic
+from .icl_families import save_atomic, state_hash
 from .joint import Joint
 
 # Learners that adapt no weights (Source, BNAdapt, LAME) have no optimizer, by design.
@@ -106,16 +105,6 @@ class SourceTraining(Joint):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._sample = list(state.get("sample", []))
         self._kept = int(state.get("kept", 0))
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (names, shapes, dtypes, bytes; 0-d tensors included)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _strip(state: dict[str, Any]) -> dict[str, torch.Tensor]:
